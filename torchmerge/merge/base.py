@@ -1,0 +1,166 @@
+"""The contract every merge method implements.
+
+A `MergeMethod` merges the tensors that share one output name. The engine resolves every
+parameter for that name (per-model weights, densities, layer-interpolated lists, name filters)
+before calling it, so a method sees plain Python values and float32 tensors only.
+
+Experts are handed over as a re-iterable, lazily loaded sequence: iterating it reads one
+expert tensor at a time from memory-mapped files, so a method that consumes it in one pass
+(or a few passes) keeps peak memory at a few tensors regardless of the number of experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+
+REQUIRED = object()  # sentinel default: the parameter must be given
+
+
+class MergeError(ValueError):
+    """A user-facing error: one line naming the file, tensor or option and what would be valid."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    `scope` is "global" (one value per merge) or "model" (one value per expert).
+    `check` returns None when the value is valid, else a phrase saying what would be valid,
+    e.g. "a number in (0, 1]".
+    """
+
+    name: str
+    default: Any = REQUIRED
+    scope: str = "global"
+    kind: type = float
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+    def validate(self, value: Any, where: str) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise MergeError(f"{where}: parameter {self.name!r} must be true or false, got {value!r}")
+        elif self.kind in (float, int):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MergeError(f"{where}: parameter {self.name!r} must be a number, got {value!r}")
+            value = self.kind(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MergeError(f"{where}: parameter {self.name!r} must be finite, got {value!r}")
+        elif self.kind is str:
+            if not isinstance(value, str):
+                raise MergeError(f"{where}: parameter {self.name!r} must be a string, got {value!r}")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise MergeError(f"{where}: parameter {self.name!r}={value!r} is out of range; valid: {problem}")
+        return value
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    """A `Param.check` for an interval; the message spells the interval in math notation."""
+    text = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def check(v: Any) -> str | None:
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        return None if (ok_lo and ok_hi) else text
+
+    return check
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+@dataclass
+class ExpertTensor:
+    """One expert's tensor for the current name, with that expert's resolved parameters."""
+
+    model: str  # the model's identifier as written in the config (path or label)
+    index: int  # position of the model in the config (stable, used for seeding)
+    tensor: torch.Tensor  # float32
+    params: Mapping[str, Any]
+    aux: Callable[[str], torch.Tensor | None] = field(default=lambda key: None, repr=False)
+    # aux("fisher") / aux("gram") give per-expert auxiliary tensors for this name, or None.
+
+
+class Experts(Sequence[ExpertTensor]):
+    """A re-iterable sequence of experts; each access loads (mmap) one tensor."""
+
+    def __init__(self, count: int, load: Callable[[int], ExpertTensor]):
+        self._count = count
+        self._load = load
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._load(j) for j in range(*i.indices(self._count))]
+        if not -self._count <= i < self._count:
+            raise IndexError(i)
+        return self._load(i % self._count)
+
+    def __iter__(self) -> Iterator[ExpertTensor]:
+        for i in range(self._count):
+            yield self._load(i)
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one output tensor name."""
+
+    name: str
+    base: torch.Tensor | None  # float32, None when the merge has no base model
+    experts: Experts
+    seed: int = 0
+    base_params: Mapping[str, Any] = field(default_factory=dict)  # per-model params given to the base model
+    layer_index: int | None = None  # parsed from the name (".layers.N."), None when not a layer tensor
+    num_layers: int | None = None
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A CPU generator seeded by (seed, tensor name, salt): independent of order and threads."""
+        digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{salt}".encode()).digest()
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+
+class MergeMethod(ABC):
+    """One merge algorithm over the tensors of one name.
+
+    Subclasses set `name`, `reference_url`, `params` and implement `merge`. A family of methods that
+    differ only by a setting is one class whose instances are configured with data and registered
+    under different names (see `registry.py`).
+    """
+
+    name: str = ""
+    reference_url: str = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    requires_base: bool = False
+    # True when `merge` consumes experts one at a time (peak memory independent of the number of experts)
+    streaming: bool = True
+    # Names of per-expert auxiliary tensors the method needs ("fisher", "gram"); the engine checks them.
+    aux_inputs: tuple[str, ...] = ()
+
+    def param_specs(self) -> tuple[Param, ...]:
+        return type(self).params
+
+    @abstractmethod
+    def merge(self, inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
+        """Return the merged float32 tensor for `inputs.name`. `params` holds the global parameters."""
+
+    def prepare(self, tensor_names: Sequence[str], load_all: Callable[[str], TensorInputs], params: Mapping[str, Any]) -> None:
+        """Optional pass over all names before merging (e.g. TIES trimming over the whole model)."""
+
+    def __repr__(self) -> str:
+        return f"<MergeMethod {self.name}>"

@@ -1,0 +1,36 @@
+"""The one registry of merge methods. Registration is explicit here, never a side effect of an import."""
+
+from __future__ import annotations
+
+from .base import MergeError, MergeMethod
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if not method.name:
+        raise ValueError(f"{method!r} has no name")
+    if method.name in _METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> MergeMethod:
+    _ensure_registered()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge method {name!r}; valid: {', '.join(sorted(_METHODS))}") from None
+
+
+def names() -> list[str]:
+    _ensure_registered()
+    return sorted(_METHODS)
+
+
+def _ensure_registered() -> None:
+    if _METHODS:
+        return
+    # --- generalized task arithmetic family and interpolation methods ---
+    # --- mask / balancing / layer / calibration methods ---
