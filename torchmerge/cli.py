@@ -30,6 +30,23 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .merge.demo import write_demo_config, write_family
+    from .merge.engine import MergeOptions, describe, execute, prepare
+
+    work = Path(args.workdir)
+    dirs = write_family(work / "family", experts=3)
+    config = write_demo_config(work, dirs, args.method)
+    print(f"wrote a synthetic Llama-style family (base + {len(dirs) - 1} experts) under {work / 'family'}")
+    print(f"config: {config}")
+    opts = MergeOptions(force=True, quiet=args.quiet)
+    plan = prepare(config, opts)
+    out = execute(plan, work / "merged", opts)
+    print(describe(plan))
+    print(f"merged {len(plan.jobs)} tensors into {out} (see {out / 'merge_manifest.json'})")
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from .merge import registry
 
@@ -59,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="check every input and print the plan; write nothing")
     m.add_argument("--allow-pickle", action="store_true", help="load pickle .bin checkpoints (with weights_only=True)")
     m.set_defaults(func=_merge)
+
+    d = sub.add_parser("demo", help="generate a small synthetic expert family and merge it (no downloads)")
+    d.add_argument("--workdir", default="torchmerge-demo", help="folder for the family and the merged model")
+    d.add_argument("--method", default="ties", help="merge method to demonstrate (default ties)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
 
     ls = sub.add_parser("methods", help="list merge methods, their papers and parameters")
     ls.set_defaults(func=_methods)
