@@ -1,0 +1,36 @@
+"""torchmerge native ops: schemas, fake impls, reference semantics and the _C.so kernel loader.
+
+Families (each module defines its ops with ``_loader.define_op``; imported explicitly here):
+  * ``intlinear``    — int8_linear, requantize                    (I-ViT / I-BERT integer-only)
+  * ``intnonlinear`` — shiftmax, shift_gelu, i_gelu, i_exp, isqrt, i_layernorm
+  * ``lmul``, ``lut`` — L-Mul and T-MAC LUT families
+Quantisation helpers and observers live in ``torchmerge.ops.quant``.
+Call ops as ``torch.ops.torchmerge.<name>``; the reference of each is ``torchmerge.ops.reference.<name>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _loader
+from . import intlinear, intnonlinear, quant  # noqa: F401  (define the integer-only family)
+
+# TODO(lmul/lut owner): drop these guards once torchmerge/ops/lmul.py and lut.py both exist.
+try:
+    from . import lmul  # noqa: F401
+except ImportError:  # pragma: no cover - only while the family is being written
+    if (Path(__file__).with_name("lmul.py")).exists():
+        raise
+try:
+    from . import lut  # noqa: F401
+except ImportError:  # pragma: no cover - only while the family is being written
+    if (Path(__file__).with_name("lut.py")).exists():
+        raise
+
+_loader.load_kernels()
+
+reference = _loader.References()
+native_available = _loader.native_available
+set_cpu_isa = _loader.set_cpu_isa
+
+__all__ = ["intlinear", "intnonlinear", "quant", "reference", "native_available", "set_cpu_isa"]
