@@ -10,11 +10,11 @@ checkpoints only when explicitly allowed (then loaded with `weights_only=True`).
 from __future__ import annotations
 
 import json
-import os
+import mmap
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -40,7 +40,7 @@ class TensorMeta:
     dtype: torch.dtype
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+def read_safetensors_header(path: Path, with_offsets: bool = False):
     """Parse and check a safetensors header without reading tensor data.
 
     Detects truncation and corruption: header length beyond the file, invalid JSON, unknown
@@ -79,8 +79,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
             raise MergeError(f"{path}: tensor {name!r} header offsets disagree with shape {list(shape)} {info['dtype']}")
         if end > data_len:
             raise MergeError(f"{path}: truncated: tensor {name!r} needs bytes up to {end}, file holds {data_len}")
-        out[name] = TensorMeta(shape, dtype)
-    return out
+        out[name] = (TensorMeta(shape, dtype), start, end) if with_offsets else TensorMeta(shape, dtype)
+    return (8 + n, out) if with_offsets else out
 
 
 class TensorSource:
@@ -97,6 +97,9 @@ class TensorSource:
     def where(self, name: str) -> str:
         return self.ref
 
+    def release(self) -> None:
+        """Drop memory held for tensors loaded so far (sources backed by files)."""
+
     def config(self) -> dict:
         if self.config_dir and (self.config_dir / "config.json").exists():
             try:
@@ -107,24 +110,46 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
+    """Zero-copy tensors over a private memory map of each file.
+
+    `release()` drops the pages read so far from this process (MADV_DONTNEED; they stay in the page
+    cache and re-read from the file if touched again), so resident memory follows the tensors of
+    the current output name, not the number of experts or their size."""
+
     def __init__(self, ref: str, files: list[Path], config_dir: Path | None):
         self.ref, self.files, self.config_dir = ref, files, config_dir
-        self.index, self._file_of = {}, {}
-        self._handles: dict[Path, object] = {}
+        self.index, self._where = {}, {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._touched: list[tuple[mmap.mmap, int, int]] = []
         for f in files:
-            for name, meta in read_safetensors_header(f).items():
+            header_end, entries = read_safetensors_header(f, with_offsets=True)
+            for name, (meta, start, end) in entries.items():
                 self.index[name] = meta
-                self._file_of[name] = f
+                self._where[name] = (f, header_end + start, end - start)
 
     def where(self, name: str) -> str:
-        return str(self._file_of.get(name, self.ref))
+        return str(self._where[name][0]) if name in self._where else self.ref
 
     def load(self, name: str) -> torch.Tensor:
-        f = self._file_of[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt")
-        return h.get_tensor(name)
+        f, offset, nbytes = self._where[name]
+        meta = self.index[name]
+        mm = self._maps.get(f)
+        if mm is None:
+            with open(f, "rb") as fh:
+                mm = self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        if nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        self._touched.append((mm, offset, nbytes))
+        if offset % meta.dtype.itemsize:  # unaligned data cannot be viewed in place
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset).clone()
+            return raw.view(meta.dtype).reshape(meta.shape)
+        return torch.frombuffer(mm, dtype=meta.dtype, count=nbytes // meta.dtype.itemsize, offset=offset).reshape(meta.shape)
+
+    def release(self) -> None:
+        for mm, offset, nbytes in self._touched:
+            start = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+        self._touched.clear()
 
 
 class MemorySource(TensorSource):
@@ -157,6 +182,9 @@ class FoldedLoraSource(TensorSource):
 
     def load(self, name: str) -> torch.Tensor:
         return self.adapter.fold(name, self.base.load(name))
+
+    def release(self) -> None:
+        self.base.release()
 
 
 def _pickle_source(ref: str, files: list[Path], config_dir: Path | None) -> TensorSource:
