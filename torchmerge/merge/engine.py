@@ -182,9 +182,13 @@ class _Runner:
             src.release()
 
     def merge_one(self, job: Job) -> torch.Tensor:
-        if job.copy:
+        if job.copy:  # copied tensors skip the method, so check them here (a NaN must not pass silently)
             ref = job.base or job.experts[0]
-            return self._load(ref, job)
+            t = self._load(ref, job)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                src = self.plan.sources[ref.source]
+                raise MergeError(f"{src.where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
+            return t
         out = self.plan.method.merge(self.inputs(job), self.plan.global_params)
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             self._name_non_finite(job)

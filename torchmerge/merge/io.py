@@ -223,6 +223,9 @@ def open_model(ref: str, *, allow_pickle: bool = False, memory: Mapping[str, obj
     if "+" in ref and not Path(ref).exists():
         base_ref, adapter = ref.split("+", 1)
         base = open_model(base_ref, allow_pickle=allow_pickle, memory=memory)
+        if not Path(adapter).is_dir():
+            raise MergeError(f"{adapter}: LoRA adapter directory not found (in {ref!r}); valid: 'BASE+ADAPTER_DIR' "
+                             "with a PEFT adapter folder")
         return FoldedLoraSource(base, Path(adapter), allow_pickle)
     path = Path(ref)
     if not path.exists():
