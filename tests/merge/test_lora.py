@@ -1,0 +1,121 @@
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from torchmerge.merge.base import MergeError  # noqa: E402
+from torchmerge.merge.lora import FoldedLora, fold_lora_tensor, load_lora_adapter  # noqa: E402
+
+
+def _save_adapter(model, config, directory, tweak=None):
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    if tweak is not None:
+        tweak(peft_model)
+    peft_model.save_pretrained(str(directory))
+
+
+def _reference_merge(model, directory):
+    """PEFT's own fold: load the saved adapter onto a fresh copy and merge_and_unload."""
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(directory)).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _assert_fold_matches(model, directory):
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    want = _reference_merge(model, directory)
+    adapter = load_lora_adapter(directory)
+    assert adapter.tensor_names() <= set(base)
+    changed = 0
+    for name, tensor in base.items():
+        got = fold_lora_tensor(adapter, name, tensor)
+        assert torch.allclose(got, want[name].float(), atol=1e-6, rtol=0), name
+        changed += not torch.equal(got, tensor)
+    view = FoldedLora(adapter, base)
+    assert set(view) == set(base)
+    return adapter, changed
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_fold_matches_merge_and_unload(tiny_llama, tmp_path):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
+        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+        modules_to_save=["lm_head"],
+    )
+
+    def tweak(pm):  # make the saved lm_head differ from the base so replacement is visible
+        with torch.no_grad():
+            pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+
+    _save_adapter(tiny_llama, config, tmp_path, tweak)
+    adapter, changed = _assert_fold_matches(tiny_llama, tmp_path)
+    v = adapter.targets["model.layers.0.self_attn.v_proj.weight"]
+    q1 = adapter.targets["model.layers.1.self_attn.q_proj.weight"]
+    assert (v.rank, v.scaling) == (2, 4.0) and (q1.rank, q1.scaling) == (4, 0.75)
+    assert adapter.targets["model.embed_tokens.weight"].embedding
+    assert "lm_head.weight" in adapter.replacements
+    assert changed == 2 * 3 + 1 + 1  # q, v, up per layer + embeddings + lm_head
+
+
+def test_gpt2_fan_in_fan_out_rslora_and_lora_bias(tmp_path):
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["c_attn"],
+                             fan_in_fan_out=True, use_rslora=True, lora_bias=True)
+
+    def tweak(pm):  # lora_B.bias starts at zero; make it count
+        for name, p in pm.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                with torch.no_grad():
+                    p.normal_()
+
+    _save_adapter(model, config, tmp_path, tweak)
+    adapter, changed = _assert_fold_matches(model, tmp_path)
+    target = adapter.targets["transformer.h.0.attn.c_attn.weight"]
+    assert target.fan_in_fan_out and target.scaling == pytest.approx(6 / 2)
+    assert changed == 2 * 2  # weight and bias of c_attn in both layers
+
+
+def test_pickled_adapter_needs_allow_pickle(tiny_llama, tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"])
+    _save_adapter(tiny_llama, config, tmp_path)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    with pytest.raises(MergeError, match="pickled weights are refused"):
+        load_lora_adapter(tmp_path)
+    adapter = load_lora_adapter(tmp_path, allow_pickle=True)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = tiny_llama.state_dict()[name]
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    want = base + 2.0 * tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
+    torch.testing.assert_close(adapter.fold(name, base), want)
+
+
+def test_unsupported_and_missing(tmp_path):
+    with pytest.raises(MergeError, match="no adapter_config.json"):
+        load_lora_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(MergeError, match="use_dora"):
+        load_lora_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(MergeError, match="peft_type"):
+        load_lora_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(MergeError, match="no adapter_model.safetensors"):
+        load_lora_adapter(tmp_path)
