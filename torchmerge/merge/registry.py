@@ -34,3 +34,8 @@ def _ensure_registered() -> None:
         return
     # --- generalized task arithmetic family and interpolation methods ---
     # --- mask / balancing / layer / calibration methods ---
+    from . import fisher_regmean, layer_swap, masks, pcb
+
+    for method in (*masks.make_methods(), pcb.PCBMerge(), layer_swap.LayerSwap(),
+                   fisher_regmean.FisherMerge(), fisher_regmean.RegMeanMerge()):
+        register(method)
