@@ -119,3 +119,15 @@ def test_unsupported_and_missing(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     with pytest.raises(MergeError, match="no adapter_model.safetensors"):
         load_lora_adapter(tmp_path)
+
+
+def test_engine_entry_point_checks_names(tiny_llama, tmp_path):
+    from torchmerge.merge.lora import LoraAdapter
+
+    _save_adapter(tiny_llama, peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["q_proj"]),
+                  tmp_path)
+    names = set(tiny_llama.state_dict())
+    adapter = LoraAdapter.load(tmp_path, base_names=names)
+    assert adapter.files[-1].name == "adapter_model.safetensors"
+    with pytest.raises(MergeError, match="which the base model does not have"):
+        LoraAdapter.load(tmp_path, base_names={n for n in names if "q_proj" not in n})

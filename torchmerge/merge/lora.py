@@ -21,6 +21,7 @@ trainable-token adapters, layer_replication, non-LoRA PEFT types.
 
 API for the engine:
     adapter = load_lora_adapter(path, allow_pickle=False)   # -> LoraAdapter
+    adapter = LoraAdapter.load(path, base_names=names, allow_pickle=False)  # the same, checked against the base
     adapter.tensor_names()                                 # names the adapter changes
     adapter.fold(name, base_tensor)                        # folded tensor (base_tensor if untouched)
     fold_lora_tensor(adapter, name, base_tensor)           # the same, as a function
@@ -78,7 +79,16 @@ class LoraAdapter:
         self._tensors = tensors  # in memory for a .bin adapter, else None (read from safetensors)
         self.targets: dict[str, LoraTarget] = {}  # folded tensor name -> target
         self.replacements: dict[str, str] = {}  # base tensor name -> adapter key
+        self.files = [directory / "adapter_config.json", weights]
         self._index(keys)
+
+    @classmethod
+    def load(cls, path: str | Path, *, base_names: Any = None, allow_pickle: bool = False) -> "LoraAdapter":
+        """`load_lora_adapter(path)`, then, when `base_names` is given, `check_names(base_names)`."""
+        adapter = load_lora_adapter(path, allow_pickle=allow_pickle)
+        if base_names is not None:
+            adapter.check_names(set(base_names))
+        return adapter
 
     # --- reading -----------------------------------------------------------------------------
     def _read(self, key: str) -> torch.Tensor:
