@@ -1,0 +1,1 @@
+"""torchmerge.backends: deployment targets. `compile` holds the torch.compile backend ("torchmerge")."""
