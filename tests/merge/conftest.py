@@ -77,9 +77,10 @@ def run_method(method: MergeMethod, tensors, params=None, *, base=None, global_p
     """Merge plain tensors with ``method``; model-scope params default from the method's specs."""
     specs = {s.name: s for s in method.param_specs() if s.scope == "model"}
     n = len(tensors)
-    per = [dict(params) for _ in range(n)] if isinstance(params, Mapping) or params is None else [dict(p) for p in params]
-    if params is None:
-        per = [{} for _ in range(n)]
+    if params is None or isinstance(params, Mapping):
+        per = [dict(params or {}) for _ in range(n)]
+    else:
+        per = [dict(p) for p in params]
     from torchmerge.merge.base import REQUIRED
 
     for p in per:

@@ -33,6 +33,11 @@ def _ensure_registered() -> None:
     if _METHODS:
         return
     # --- generalized task arithmetic family and interpolation methods ---
+    from . import interpolation, model_stock, task_arithmetic
+
+    for method in (task_arithmetic.Linear(), *task_arithmetic.generalized_task_arithmetic_methods(),
+                   *interpolation.interpolation_methods(), model_stock.ModelStock()):
+        register(method)
     # --- mask / balancing / layer / calibration methods ---
     from . import fisher_regmean, layer_swap, masks, pcb
 
