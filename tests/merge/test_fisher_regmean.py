@@ -3,20 +3,8 @@ import pytest
 import torch
 
 from torchmerge.merge import registry
-from torchmerge.merge.base import Experts, ExpertTensor, MergeError, TensorInputs
-
-
-def make_inputs(tensors, params=None, aux=None, loads=None):
-    params = params or [{} for _ in tensors]
-    aux = aux or [{} for _ in tensors]
-
-    def load(i):
-        if loads is not None:
-            loads.append(i)
-        return ExpertTensor(model=f"m{i}", index=i, tensor=tensors[i].clone(), params=params[i],
-                            aux=lambda key, i=i: aux[i].get(key))
-
-    return TensorInputs(name="model.layers.0.mlp.up_proj.weight", base=None, experts=Experts(len(tensors), load))
+from tests.merge.conftest import make_inputs
+from torchmerge.merge.base import MergeError
 
 
 def test_fisher_matches_formula():
@@ -27,7 +15,7 @@ def test_fisher_matches_formula():
     weights = [1.0, 2.0, 0.5]
     loads = []
     got = registry.get("fisher").merge(
-        make_inputs(thetas, [{"weight": w} for w in weights], [{"fisher": f} for f in fishers], loads),
+        make_inputs(thetas, [{"weight": w} for w in weights], aux=[{"fisher": f} for f in fishers], loads=loads),
         {"fisher_floor": 1e-6},
     )
     num = sum(w * (f.double().numpy() + 1e-6) * t.double().numpy() for w, f, t in zip(weights, fishers, thetas))
@@ -40,9 +28,9 @@ def test_fisher_without_statistics_is_weighted_average_and_partial_is_error():
     thetas = [torch.ones(2), 3 * torch.ones(2)]
     got = registry.get("fisher").merge(make_inputs(thetas, [{"weight": 1.0}, {"weight": 3.0}]), {})
     torch.testing.assert_close(got, torch.full((2,), 2.5))
-    with pytest.raises(MergeError, match="'m1' lacks a 'fisher' tensor"):
+    with pytest.raises(MergeError, match="'expert1' lacks a 'fisher' tensor"):
         registry.get("fisher").merge(make_inputs(thetas, aux=[{"fisher": torch.ones(2)}, {}]), {})
-    with pytest.raises(MergeError, match="fisher tensor of model 'm0' has shape"):
+    with pytest.raises(MergeError, match="fisher tensor of model 'expert0' has shape"):
         registry.get("fisher").merge(make_inputs(thetas, aux=[{"fisher": torch.ones(3)}, {"fisher": torch.ones(2)}]), {})
 
 
@@ -76,9 +64,9 @@ def test_regmean_non_linear_tensors_are_averaged_and_errors():
     biases = [torch.ones(3), torch.zeros(3), 2 * torch.ones(3)]
     torch.testing.assert_close(registry.get("regmean").merge(make_inputs(biases), {}), torch.ones(3))
     weights, _, grams = _regmean_case()
-    with pytest.raises(MergeError, match="gram matrix of model 'm1' has shape"):
+    with pytest.raises(MergeError, match="gram matrix of model 'expert1' has shape"):
         registry.get("regmean").merge(make_inputs(weights, aux=[{"gram": grams[0]}, {"gram": torch.eye(4)}, {"gram": grams[2]}]), {})
-    with pytest.raises(MergeError, match="'m2' lacks a 'gram' tensor"):
+    with pytest.raises(MergeError, match="'expert2' lacks a 'gram' tensor"):
         registry.get("regmean").merge(make_inputs(weights, aux=[{"gram": grams[0]}, {"gram": grams[1]}, {}]), {})
     spec = next(p for p in registry.get("regmean").param_specs() if p.name == "alpha")
     assert spec.default == 0.9
@@ -93,3 +81,22 @@ def test_regmean_singular_gram_falls_back_to_least_squares():
     got = registry.get("regmean").merge(make_inputs(w, aux=[{"gram": gram}, {"gram": gram}]), {"alpha": 1.0})
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[:, 0], torch.full((2,), 2.0))
+
+
+def test_engine_reads_in_memory_fisher_and_gram():
+    from torchmerge.merge.engine import run_merge
+
+    g = torch.Generator().manual_seed(2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    sds = [{name: torch.randn(4, 3, generator=g), "model.norm.weight": torch.randn(3, generator=g)} for _ in range(2)]
+    fis = [{name: torch.rand(4, 3, generator=g)} for _ in range(2)]
+    spec = {"merge_method": "fisher", "dtype": "float32",
+            "models": [{"model": sd, "parameters": {"fisher": f}} for sd, f in zip(sds, fis)]}
+    out = run_merge(spec)
+    want = sum((f[name] + 1e-6) * sd[name] for f, sd in zip(fis, sds)) / sum(f[name] + 1e-6 for f in fis)
+    torch.testing.assert_close(out[name], want)
+    torch.testing.assert_close(out["model.norm.weight"], (sds[0]["model.norm.weight"] + sds[1]["model.norm.weight"]) / 2)
+    grams = [{name: torch.eye(3) * (i + 1)} for i in range(2)]
+    spec = {"merge_method": "regmean", "dtype": "float32", "parameters": {"alpha": 1.0},
+            "models": [{"model": sd, "parameters": {"gram": gr}} for sd, gr in zip(sds, grams)]}
+    torch.testing.assert_close(run_merge(spec)[name], (sds[0][name] + 2 * sds[1][name]) / 3)

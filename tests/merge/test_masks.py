@@ -3,20 +3,9 @@ import pytest
 import torch
 
 from torchmerge.merge import registry
-from torchmerge.merge.base import Experts, ExpertTensor, MergeError, TensorInputs
+from tests.merge.conftest import make_inputs
+from torchmerge.merge.base import MergeError
 from torchmerge.merge.masks import tall_masks
-
-
-def make_inputs(base, tensors, params=None, loads=None):
-    params = params or [{} for _ in tensors]
-
-    def load(i):
-        if loads is not None:
-            loads.append(i)
-        return ExpertTensor(model=f"m{i}", index=i, tensor=tensors[i].clone(), params=params[i])
-
-    return TensorInputs(name="model.layers.0.mlp.up_proj.weight", base=None if base is None else base.clone(),
-                        experts=Experts(len(tensors), load), layer_index=0, num_layers=2)
 
 
 def _case(n=4, shape=(6, 5), seed=0):
@@ -56,7 +45,7 @@ def test_consensus_matches_loop_over_tasks(k):
     weights, lambdas = [1.0, 0.5, 2.0, 1.0], [0.4, 0.2, 0.6, 1.0]
     params = [{"weight": w, "tall_lambda": lam} for w, lam in zip(weights, lambdas)]
     loads = []
-    got = registry.get("consensus").merge(make_inputs(base, experts, params, loads), {"k": k, "lambda": 0.7})
+    got = registry.get("consensus").merge(make_inputs(experts, params, base=base, loads=loads), {"k": k, "lambda": 0.7})
     want = reference_consensus(base, experts, weights, lambdas, k, 0.7)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     assert len(loads) == 2 * len(experts)  # two streaming passes
@@ -66,15 +55,15 @@ def test_k0_is_task_arithmetic_and_k_above_n_is_base():
     base, experts = _case(n=3)
     method = registry.get("consensus")
     ta = base + sum(e - base for e in experts)
-    torch.testing.assert_close(method.merge(make_inputs(base, experts), {"k": 0, "lambda": 1.0}), ta)
-    torch.testing.assert_close(method.merge(make_inputs(base, experts), {"k": 4, "lambda": 1.0}), base)
+    torch.testing.assert_close(method.merge(make_inputs(experts, base=base), {"k": 0, "lambda": 1.0}), ta)
+    torch.testing.assert_close(method.merge(make_inputs(experts, base=base), {"k": 4, "lambda": 1.0}), base)
 
 
 def test_consensus_ties_matches_reference():
     base, experts = _case(n=3, shape=(8, 4), seed=1)
     dens = [0.5, 0.3, 0.8]
     params = [{"density": d, "tall_lambda": 0.4} for d in dens]
-    got = registry.get("consensus_ties").merge(make_inputs(base, experts, params), {"k": 2, "lambda": 1.0})
+    got = registry.get("consensus_ties").merge(make_inputs(experts, params, base=base), {"k": 2, "lambda": 1.0})
     mtl = reference_ties(base, experts, dens, [1.0] * 3)
     want = reference_consensus(base, experts, [1.0] * 3, [0.4] * 3, 2, 1.0, mtl=mtl)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -83,7 +72,7 @@ def test_consensus_ties_matches_reference():
 def test_tall_masks_helper_and_compression_roundtrip():
     base, experts = _case(n=3, seed=2)
     params = [{"tall_lambda": 0.3}] * 3
-    mtl, masks = tall_masks(make_inputs(base, experts, params))
+    mtl, masks = tall_masks(make_inputs(experts, params, base=base))
     taus = [e - base for e in experts]
     want_mtl = sum(taus)
     torch.testing.assert_close(mtl, want_mtl)
@@ -98,9 +87,9 @@ def test_errors_and_params():
     base, experts = _case(n=2)
     method = registry.get("consensus")
     with pytest.raises(MergeError, match="needs a base model"):
-        method.merge(make_inputs(None, experts), {})
+        method.merge(make_inputs(experts), {})
     with pytest.raises(MergeError, match="shape"):
-        method.merge(make_inputs(base, [experts[0], torch.zeros(3)]), {})
+        method.merge(make_inputs([experts[0], torch.zeros(3)], base=base), {})
     k_spec = next(p for p in method.param_specs() if p.name == "k")
     with pytest.raises(MergeError, match="'k'"):
         k_spec.validate(-1, "consensus")

@@ -3,16 +3,8 @@ import pytest
 import torch
 
 from torchmerge.merge import registry
-from torchmerge.merge.base import Experts, ExpertTensor, MergeError, TensorInputs
-
-
-def make_inputs(base, tensors, loads=None):
-    def load(i):
-        if loads is not None:
-            loads.append(i)
-        return ExpertTensor(model=f"m{i}", index=i, tensor=tensors[i].clone(), params={})
-
-    return TensorInputs(name="w", base=None if base is None else base.clone(), experts=Experts(len(tensors), load))
+from tests.merge.conftest import make_inputs
+from torchmerge.merge.base import MergeError
 
 
 def norm(x):
@@ -68,14 +60,14 @@ def _case(n=3, shape=(7, 5), seed=0):
 def test_paper_variant_matches_equations(drop):
     base, experts = _case()
     loads = []
-    got = registry.get("pcb").merge(make_inputs(base, experts, loads), {"drop_ratio": drop, "lambda": 0.8})
+    got = registry.get("pcb").merge(make_inputs(experts, base=base, loads=loads), {"drop_ratio": drop, "lambda": 0.8})
     np.testing.assert_allclose(got.numpy(), paper_pcb(base, experts, drop, 0.8), rtol=1e-4, atol=1e-6)
     assert len(loads) == 3 + 3 * 3  # outer pass + one inner pass per expert: memory stays O(1) in #experts
 
 
 def test_temperature_changes_intra_balancing():
     base, experts = _case(seed=3)
-    got = registry.get("pcb").merge(make_inputs(base, experts), {"drop_ratio": 0.5, "temperature": 0.5})
+    got = registry.get("pcb").merge(make_inputs(experts, base=base), {"drop_ratio": 0.5, "temperature": 0.5})
     np.testing.assert_allclose(got.numpy(), paper_pcb(base, experts, 0.5, 1.0, temp=0.5), rtol=1e-4, atol=1e-6)
 
 
@@ -83,14 +75,14 @@ def test_temperature_changes_intra_balancing():
 def test_official_variant_matches_released_code_equations(drop):
     base, experts = _case(n=4, seed=1)
     loads = []
-    got = registry.get("pcb").merge(make_inputs(base, experts, loads), {"drop_ratio": drop, "variant": "official"})
+    got = registry.get("pcb").merge(make_inputs(experts, base=base, loads=loads), {"drop_ratio": drop, "variant": "official"})
     np.testing.assert_allclose(got.numpy(), official_pcb(base, experts, drop, 1.0), rtol=1e-4, atol=1e-6)
     assert len(loads) == 2 * 4
 
 
 def test_identical_experts_give_the_expert_without_drop():
     base, experts = _case(n=1)
-    got = registry.get("pcb").merge(make_inputs(base, experts * 3), {"drop_ratio": 0.0})
+    got = registry.get("pcb").merge(make_inputs(experts * 3, base=base), {"drop_ratio": 0.0})
     torch.testing.assert_close(got, experts[0])
 
 
@@ -104,4 +96,4 @@ def test_params_and_errors():
         specs["variant"].validate("nope", "pcb")
     base, experts = _case()
     with pytest.raises(MergeError, match="needs a base model"):
-        method.merge(make_inputs(None, experts), {})
+        method.merge(make_inputs(experts), {})
