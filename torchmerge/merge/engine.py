@@ -263,9 +263,10 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
                 runner.release()
             copied = copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
             _fix_config(writer.tmp, plan)
+            (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())
+            writer.close_shards()  # the index and every other output file exist before they are hashed
             manifest = _manifest(plan, input_hashes.result(), writer.tmp)
             writer.add_file("merge_manifest.json", json.dumps(manifest, indent=2).encode())
-            (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())
         return writer.finish()
     except OSError as e:
         writer.abort()

@@ -117,8 +117,8 @@ class ShardedWriter:
     def add_file(self, name: str, data: bytes) -> None:
         (self.tmp / name).write_bytes(data)
 
-    def finish(self) -> Path:
-        """Close the last shard, write the index, rename the directory into place."""
+    def close_shards(self) -> None:
+        """Close the last shard and write the index (idempotent); called before hashing the outputs."""
         if self._pos != len(self._order):
             raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
         if self._fh:
@@ -129,6 +129,10 @@ class ShardedWriter:
             total = sum(t.nbytes for _, t in self._order)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def finish(self) -> Path:
+        """Close the last shard, write the index, rename the directory into place."""
+        self.close_shards()
         for f in self.tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
