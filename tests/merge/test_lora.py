@@ -131,3 +131,23 @@ def test_engine_entry_point_checks_names(tiny_llama, tmp_path):
     assert adapter.files[-1].name == "adapter_model.safetensors"
     with pytest.raises(MergeError, match="which the base model does not have"):
         LoraAdapter.load(tmp_path, base_names={n for n in names if "q_proj" not in n})
+
+
+def test_engine_treats_base_plus_adapter_as_an_expert(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    from torchmerge.merge.engine import run_merge
+
+    base_file = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_llama.state_dict().items()}, str(base_file))
+    adapter_dir = tmp_path / "adapter"
+    _save_adapter(tiny_llama, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                              target_modules=["q_proj", "up_proj"]), adapter_dir)
+    want = _reference_merge(tiny_llama, adapter_dir)
+    spec = {"merge_method": "layer_swap", "dtype": "float32", "base_model": str(base_file),
+            "models": [{"model": str(base_file)},
+                       {"model": f"{base_file}+{adapter_dir}", "parameters": {"layer_range": "0:2", "non_layer": True}}]}
+    out = run_merge(spec)
+    assert set(out) == set(want)
+    for name in out:
+        assert torch.allclose(out[name], want[name], atol=1e-6, rtol=0), name
