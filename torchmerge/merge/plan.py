@@ -15,7 +15,7 @@ import torch
 
 from .base import REQUIRED, MergeError, MergeMethod, Param
 from .io import TensorSource
-from .spec import MergeSpec, evaluate_setting, setting_endpoints
+from .spec import Conditional, MergeSpec, evaluate_setting, setting_endpoints
 
 LAYER_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.(\d+)\.")
 PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -66,10 +66,27 @@ class Plan:
     memory: dict[str, Any] = field(default_factory=dict)  # in-memory models and aux tensors by label
 
 
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def numeric_strings(setting: Any, param: Param) -> Any:
+    """PyYAML reads `1e-3` (no dot) as a string; a numeric parameter takes it as a number, as mergekit
+    does (its pydantic validation runs before interpolation), so gradients of such values interpolate."""
+    if param.kind not in (int, float):
+        return setting
+    if isinstance(setting, str) and _NUMBER.fullmatch(setting):
+        return float(setting)
+    if isinstance(setting, Conditional):
+        return setting.model_copy(update={"value": numeric_strings(setting.value, param)})
+    if isinstance(setting, list):
+        return [numeric_strings(v, param) for v in setting]
+    return setting
+
+
 def resolve(param: Param, settings: list[Mapping[str, Any] | None], tensor: str, t: float, where: str) -> Any:
     for s in settings:
         if s and param.name in s:
-            value = evaluate_setting(s[param.name], tensor, t)
+            value = evaluate_setting(numeric_strings(s[param.name], param), tensor, t)
             if value is not None:
                 return param.validate(value, where)
     if param.default is REQUIRED:
@@ -92,7 +109,7 @@ def _check_settings(spec: MergeSpec, method: MergeMethod) -> None:
                 valid = ", ".join(sorted(allowed)) or "none"
                 raise MergeError(f"{where}: unknown parameter {key!r} for method {method.name!r}; valid: {valid}")
             if key in specs:
-                for v in setting_endpoints(setting):
+                for v in setting_endpoints(numeric_strings(setting, specs[key])):
                     specs[key].validate(v, f"{where}")
 
 
