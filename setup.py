@@ -31,7 +31,9 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import torch.utils
 
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed build folder in the checkout (ignored by git) keeps rebuilds incremental; editable
+        # installs would otherwise compile every kernel from scratch in a fresh temporary folder.
+        build_dir = ROOT / "build" / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = str(max(1, min(4, os.cpu_count() or 1)))  # few files; more jobs only cost memory
         subprocess.run(

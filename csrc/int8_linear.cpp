@@ -1,0 +1,256 @@
+// int8_linear and requantize kernels. Semantics: torchmerge/ops/intlinear.py (the references define them).
+//   acc[m, n] = Σ_k x[m, k] · w[n, k]   (int32, exact for K ≤ 132104 with |w| ≤ 127)
+//   out[m, n] = sat(((acc + bias[n]) · mult[n] + 2^(shift[n]-1)) >> shift[n])   (round half up)
+// Accumulation paths: oneDNN (at::_int_mm, VNNI/AMX) for large M, else our own VNNI / AVX2 / scalar tiles.
+#include "common.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace torchmerge {
+namespace {
+
+constexpr int64_t kMaxK = (int64_t(1) << 31) / (127 * 128);  // 132104, see intlinear.MAX_K
+constexpr int kTile = 4;  // 4 rows of x × 4 rows of w per register tile
+
+// Row pointers clamp to the last valid row so edge tiles run the same code; only valid results are stored.
+inline void tile_rows(const int8_t* base, int64_t first, int64_t count, int64_t K, const int8_t* rows[kTile]) {
+  for (int i = 0; i < kTile; ++i) rows[i] = base + std::min(first + i, count - 1) * K;
+}
+
+inline void store_tile(const int32_t v[kTile][kTile], int32_t* acc, int64_t m0, int64_t n0, int64_t M, int64_t N) {
+  for (int i = 0; i < kTile && m0 + i < M; ++i)
+    for (int j = 0; j < kTile && n0 + j < N; ++j) acc[(m0 + i) * N + n0 + j] = v[i][j];
+}
+
+void gemm_scalar(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += int32_t(x[m * K + k]) * int32_t(w[n * K + k]);
+        acc[m * N + n] = s;
+      }
+  });
+}
+
+__attribute__((target("avx2,fma"))) inline int32_t hsum256(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// AVX2: sign-extend 16 int8 to int16 and pmaddwd (exact; pmaddubsw would saturate).
+// (Lambdas do not inherit target attributes, so each ISA body is a range function called from parallel_for.)
+__attribute__((target("avx2,fma"))) void gemm_avx2_range(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M,
+                                                           int64_t N, int64_t K, int64_t nb_begin, int64_t nb_end) {
+  const int64_t k_main = K / 16 * 16;
+  {
+    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+      const int64_t n0 = nb * kTile;
+      const int8_t* wr[kTile];
+      tile_rows(w, n0, N, K, wr);
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // 2×4 tile: 8 accumulators fit the 16 ymm registers
+        const int8_t* xr[2] = {x + m0 * K, x + std::min(m0 + 1, M - 1) * K};
+        __m256i a[2][kTile];
+        for (auto& row : a)
+          for (auto& v : row) v = _mm256_setzero_si256();
+        for (int64_t k = 0; k < k_main; k += 16) {
+          __m256i xv[2], wv[kTile];
+          for (int i = 0; i < 2; ++i) xv[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(xr[i] + k)));
+          for (int j = 0; j < kTile; ++j) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr[j] + k)));
+          for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < kTile; ++j) a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(xv[i], wv[j]));
+        }
+        int32_t v[kTile][kTile] = {};
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < kTile; ++j) {
+            int32_t s = hsum256(a[i][j]);
+            for (int64_t k = k_main; k < K; ++k) s += int32_t(xr[i][k]) * int32_t(wr[j][k]);
+            v[i][j] = s;
+          }
+        for (int i = 0; i < 2 && m0 + i < M; ++i)
+          for (int j = 0; j < kTile && n0 + j < N; ++j) acc[(m0 + i) * N + n0 + j] = v[i][j];
+      }
+    }
+  }
+}
+
+void gemm_avx2(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + kTile - 1) / kTile, 4,
+                   [&](int64_t b, int64_t e) { gemm_avx2_range(x, w, acc, M, N, K, b, e); });
+}
+
+// AVX-512 VNNI: vpdpbusd multiplies u8 × s8, so x is offset to u8 (x + 128) and 128·Σ_k w[n, k]
+// is subtracted afterwards. The int32 sums wrap, but wrap-around cancels exactly (mod 2^32 arithmetic)
+// because the true result fits int32.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemm_vnni_range(
+    const uint8_t* xu, const int8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K, int64_t nb_begin,
+    int64_t nb_end) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t k_tail = K % 64;
+  const __mmask64 tail_mask = k_tail ? (~__mmask64(0)) >> (64 - k_tail) : __mmask64(0);
+  {
+    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+      const int64_t n0 = nb * kTile;
+      const int8_t* wr[kTile];
+      tile_rows(w, n0, N, K, wr);
+      int32_t ws[kTile];
+      for (int j = 0; j < kTile; ++j) {  // Σ_k w[n, k] via vpdpbusd(1, w)
+        __m512i s = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(wr[j] + k));
+        if (k_tail) s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(tail_mask, wr[j] + k));
+        ws[j] = _mm512_reduce_add_epi32(s);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int8_t* xr[kTile];
+        tile_rows(reinterpret_cast<const int8_t*>(xu), m0, M, K, xr);
+        __m512i a[kTile][kTile];
+        for (auto& row : a)
+          for (auto& v : row) v = _mm512_setzero_si512();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+          __m512i xv[kTile], wv[kTile];
+          for (int i = 0; i < kTile; ++i) xv[i] = _mm512_loadu_si512(xr[i] + k);
+          for (int j = 0; j < kTile; ++j) wv[j] = _mm512_loadu_si512(wr[j] + k);
+          for (int i = 0; i < kTile; ++i)
+            for (int j = 0; j < kTile; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], xv[i], wv[j]);
+        }
+        if (k_tail) {
+          __m512i xv[kTile], wv[kTile];
+          for (int i = 0; i < kTile; ++i) xv[i] = _mm512_maskz_loadu_epi8(tail_mask, xr[i] + k);
+          for (int j = 0; j < kTile; ++j) wv[j] = _mm512_maskz_loadu_epi8(tail_mask, wr[j] + k);
+          for (int i = 0; i < kTile; ++i)
+            for (int j = 0; j < kTile; ++j) a[i][j] = _mm512_dpbusd_epi32(a[i][j], xv[i], wv[j]);
+        }
+        int32_t v[kTile][kTile];
+        for (int i = 0; i < kTile; ++i)
+          for (int j = 0; j < kTile; ++j)
+            v[i][j] = int32_t(uint32_t(_mm512_reduce_add_epi32(a[i][j])) - (uint32_t(ws[j]) << 7));
+        store_tile(v, acc, m0, n0, M, N);
+      }
+    }
+  }
+}
+
+void gemm_vnni(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K) {
+  std::vector<uint8_t> xu_buf(size_t(M * K));
+  uint8_t* xu = xu_buf.data();
+  at::parallel_for(0, M * K, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) xu[i] = uint8_t(x[i]) ^ 0x80;
+  });
+  at::parallel_for(0, (N + kTile - 1) / kTile, 4,
+                   [&](int64_t b, int64_t e) { gemm_vnni_range(xu, w, acc, M, N, K, b, e); });
+}
+
+// oneDNN's s8s8s32 GEMM (VNNI, AMX where present) wins once M is large enough to amortise its packing.
+constexpr int64_t kOneDnnMinRows = 32;
+
+at::Tensor accumulate(const at::Tensor& x2d, const at::Tensor& w) {
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = w.size(0);
+  const Isa isa = active_isa();
+  if (isa == Isa::Avx512 && M >= kOneDnnMinRows && K % 8 == 0 && N % 8 == 0) return at::_int_mm(x2d, w.t());
+  at::Tensor acc = at::empty({M, N}, x2d.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return acc;
+  const int8_t* xp = x2d.data_ptr<int8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* ap = acc.data_ptr<int32_t>();
+  if (K == 0) acc.zero_();
+  else if (isa == Isa::Avx512 && has_avx512_vnni()) gemm_vnni(xp, wp, ap, M, N, K);
+  else if (isa >= Isa::Avx2) gemm_avx2(xp, wp, ap, M, N, K);
+  else gemm_scalar(xp, wp, ap, M, N, K);
+  return acc;
+}
+
+void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t channels, const char* op) {
+  for (const auto* t : {&mult, &shift}) {
+    const char* name = t == &mult ? "multiplier" : "shift";
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt, op, ": ", name, " must be torch.int32; got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && (t->size(0) == 1 || t->size(0) == channels), op, ": ", name,
+                      " must have shape [", channels, "] (per channel) or [1]; got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(shift.min().item<int32_t>() >= 0 && shift.max().item<int32_t>() <= 62, op,
+                    ": shift must be in [0, 62]");
+}
+
+void check_out_dtype(at::ScalarType dt, const char* op) {
+  TORCH_CHECK_VALUE(dt == at::kChar || dt == at::kShort, op, ": out_dtype must be torch.int8 or torch.int16; got ", dt);
+}
+
+// out[r, c] = sat(round_shift((v[r, c] + bias[c]) · mult[c], shift[c])), rows in parallel.
+template <typename Out>
+void requant_rows(const int32_t* v, const int32_t* bias, const int32_t* mult, const int32_t* shift, bool per_channel,
+                  Out* out, int64_t rows, int64_t C) {
+  const int64_t lo = std::numeric_limits<Out>::min(), hi = std::numeric_limits<Out>::max();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t ch = per_channel ? c : 0;
+        int64_t a = int64_t(v[r * C + c]) + (bias ? int64_t(bias[c]) : 0);
+        out[r * C + c] = Out(saturate(round_shift(a * int64_t(mult[ch]), shift[ch]), lo, hi));
+      }
+  });
+}
+
+at::Tensor requant(const at::Tensor& v, const c10::optional<at::Tensor>& bias, const at::Tensor& mult,
+                   const at::Tensor& shift, at::ScalarType out_dtype, at::IntArrayRef out_shape) {
+  const int64_t C = v.size(-1), rows = C ? v.numel() / C : 0;
+  at::Tensor out = at::empty(out_shape, v.options().dtype(out_dtype));
+  const int32_t* bp = bias ? bias->data_ptr<int32_t>() : nullptr;
+  auto m = mult.contiguous(), s = shift.contiguous();
+  const bool per_channel = m.size(0) != 1 || C == 1;
+  if (out_dtype == at::kChar)
+    requant_rows(v.data_ptr<int32_t>(), bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel,
+                 out.data_ptr<int8_t>(), rows, C);
+  else
+    requant_rows(v.data_ptr<int32_t>(), bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel,
+                 out.data_ptr<int16_t>(), rows, C);
+  return out;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const at::Tensor& multiplier, const at::Tensor& shift, at::ScalarType out_dtype) {
+  const char* op = "int8_linear";
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kChar && x.dim() >= 1, op, ": x must be a torch.int8 tensor [..., K]; got ",
+                    x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2, op,
+                    ": weight must be a 2-D torch.int8 tensor [N, K]; got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x's last dim (", x.size(-1), ") must equal weight's K (", K, ")");
+  TORCH_CHECK_VALUE(K <= kMaxK, op, ": K=", K, " is too large: the int32 accumulator holds at most K·127·128 < 2^31, i.e. K ≤ ",
+                    kMaxK);
+  if (bias)
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kInt && bias->dim() == 1 && bias->size(0) == N, op,
+                      ": bias must be None or a torch.int32 tensor of shape [", N, "]; got ", bias->sizes());
+  check_requant(multiplier, shift, N, op);
+  check_out_dtype(out_dtype, op);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  at::Tensor acc = accumulate(x2d, weight.contiguous());
+  c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  return requant(acc, b, multiplier, shift, out_dtype, out_shape);
+}
+
+at::Tensor requantize_cpu(const at::Tensor& x, const at::Tensor& multiplier, const at::Tensor& shift,
+                          at::ScalarType out_dtype) {
+  const char* op = "requantize";
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kInt && x.dim() >= 1, op, ": x must be a torch.int32 tensor [..., C]; got ",
+                    x.scalar_type(), " ", x.sizes());
+  check_requant(multiplier, shift, x.size(-1), op);
+  check_out_dtype(out_dtype, op);
+  return requant(x.contiguous(), c10::nullopt, multiplier, shift, out_dtype, x.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("requantize", &requantize_cpu);
+}
+
+}  // namespace torchmerge
