@@ -132,13 +132,11 @@ class ConsensusMerge(MergeMethod):
             raise ValueError(f"aggregate {aggregate!r}")
         self.name = name
         self.aggregate = aggregate
+        density = Param("density", 0.2, scope="model", check=in_range(0.0, 1.0), doc="TIES trim: fraction kept")
+        self.params = self._COMMON + ((density,) if aggregate == "ties" else ())  # per instance: the family differs
 
     def param_specs(self) -> tuple[Param, ...]:
-        if self.aggregate == "ties":
-            return self._COMMON + (
-                Param("density", 0.2, scope="model", check=in_range(0.0, 1.0), doc="TIES trim: fraction kept"),
-            )
-        return self._COMMON
+        return self.params
 
     def merge(self, inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
         base = _require_base(inputs, self.name)
