@@ -22,6 +22,8 @@ aten = torch.ops.aten
 IMPURE = {aten.rand, aten.randn, aten.randint, aten.rand_like, aten.randn_like, aten.bernoulli, aten.dropout,
           aten.native_dropout, aten.normal, aten.uniform, aten.empty, aten.empty_like, aten.empty_strided,
           aten.multinomial, aten.randperm, aten.copy_}
+# Metadata assertions on constants hold or fail at compile time; once checked they only pin dead constants.
+CONSTANT_ASSERTS = {aten._assert_tensor_metadata}
 
 
 def _pure(node: fx.Node, ops) -> bool:
@@ -47,8 +49,15 @@ class FoldConstants(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         env: dict[fx.Node, object] = {}
-        for node in gm.graph.nodes:
-            if is_constant(node):
+        checked = 0
+        for node in list(gm.graph.nodes):
+            if getattr(node.target, "overloadpacket", None) in CONSTANT_ASSERTS and not node.users \
+                    and node.all_input_nodes and all(is_constant(a) for a in node.all_input_nodes):
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), get_constant)
+                node.target(*args, **kwargs)
+                gm.graph.erase_node(node)
+                checked += 1
+            elif is_constant(node):
                 env[node] = get_constant(node)
             elif _pure(node, self.ops) and node.all_input_nodes and all(a in env for a in node.all_input_nodes):
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
@@ -66,7 +75,7 @@ class FoldConstants(GraphPass):
             for user in outside:
                 user.replace_input_with(node, const)
             folded += 1
-        if folded:
+        if folded or checked:
             gm.graph.eliminate_dead_code()
             gm.recompile()
-        return PassResult(gm, folded > 0)
+        return PassResult(gm, folded + checked > 0)
