@@ -7,18 +7,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# `torchmerge.merge` is both the subpackage and the merge function: the subpackage is callable
+# (see torchmerge/merge/__init__.py), so `torchmerge.merge(spec)` and `torchmerge.merge.engine` both work.
+from . import merge  # noqa: E402
+
 __all__ = ["__version__", "merge", "compile"]
-
-
-def merge(spec_or_path, out=None, **options):
-    """Merge experts described by a MergeSpec, a mergekit-style YAML path or a dict.
-
-    Returns the merged state_dict when `out` is None, else writes a sharded safetensors
-    directory to `out` atomically and returns its path. See `torchmerge.merge.engine.run_merge`.
-    """
-    from .merge.engine import run_merge
-
-    return run_merge(spec_or_path, out=out, **options)
 
 
 def compile(model, plan=None, merge=None, *, inner="inductor", dynamic=None, fullgraph=False, dump_dir=None):

@@ -176,6 +176,11 @@ class FoldedLoraSource(TensorSource):
         self.files = list(base.files) + list(self.adapter.files)
         self.config_dir = base.config_dir
         self.index = dict(base.index)
+        if self.adapter.replacements:  # tensors saved whole (a resized embedding): their own shapes
+            header = read_safetensors_header(self.adapter.weights) if self.adapter.weights.suffix == ".safetensors" else {}
+            for name, key in self.adapter.replacements.items():
+                if key in header:
+                    self.index[name] = header[key]
 
     def where(self, name: str) -> str:
         return self.ref

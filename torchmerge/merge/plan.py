@@ -51,6 +51,9 @@ class Job:
     shape: tuple[int, ...]
     in_dtype: torch.dtype
     copy: bool = False  # non-float tensors and single-source passthrough are copied, not merged
+    # settings of global-scope parameters, highest precedence first (slice's, then the config's): like
+    # mergekit, they are resolved per tensor, so a global `t: [0, 1]` or `{filter: mlp, ...}` applies here
+    settings: list[Mapping[str, Any] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -193,7 +196,7 @@ def _jobs_for_models(spec, sources, model_refs, pos, base_idx):
         exps = [Ref(pos[m.model], name, [m.parameters, spec.parameters]) for m in experts]
         refs = ([base] if base else []) + exps
         shape, dtype = _tensor_check(name, refs, sources, model_refs)
-        jobs.append(Job(name, base, exps, t, li, shape, dtype, copy=not dtype.is_floating_point))
+        jobs.append(Job(name, base, exps, t, li, shape, dtype, copy=not dtype.is_floating_point, settings=[spec.parameters]))
     return jobs, n_layers, n_layers
 
 
@@ -225,14 +228,15 @@ def _jobs_for_slices(spec, sources, model_refs, pos, base_idx):
 
     jobs: list[Job] = []
 
-    def add(out_name, base, exps, t, li):
+    def add(out_name, base, exps, t, li, s):
         refs = ([base] if base else []) + exps
         shape, dtype = _tensor_check(out_name, refs, sources, model_refs)
         single = len(refs) == 1
-        jobs.append(Job(out_name, base, exps, t, li, shape, dtype, copy=single or not dtype.is_floating_point))
+        jobs.append(Job(out_name, base, exps, t, li, shape, dtype, copy=single or not dtype.is_floating_point,
+                        settings=[s.parameters, spec.parameters]))
 
     for name in pre:
-        add(name, *refs_for(spec.slices[0], lambda src: name, 0.0), 0.0, None)
+        add(name, *refs_for(spec.slices[0], lambda src: name, 0.0), 0.0, None, spec.slices[0])
     out_layer = 0
     for s in spec.slices:
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
@@ -243,10 +247,10 @@ def _jobs_for_slices(spec, sources, model_refs, pos, base_idx):
                     if n_layers is not None and src.layer_range[1] > _num_layers(sources[pos[src.model]]):
                         raise MergeError(f"{src.model}: layer_range {list(src.layer_range)} exceeds its {_num_layers(sources[pos[src.model]])} layers")
                 base, exps = refs_for(s, lambda src: with_layer(tmpl, src.layer_range[0] + off), t)
-                add(with_layer(tmpl, out_layer), base, exps, t, out_layer)
+                add(with_layer(tmpl, out_layer), base, exps, t, out_layer, s)
             out_layer += 1
     for name in post:
-        add(name, *refs_for(spec.slices[-1], lambda src: name, 0.0), 0.0, None)
+        add(name, *refs_for(spec.slices[-1], lambda src: name, 0.0), 0.0, None, spec.slices[-1])
     return jobs, n_layers, out_layer
 
 
@@ -264,4 +268,4 @@ def _check_model_params(plan: Plan) -> None:
             seen.add((r.source, job.t))
             where = f"{plan.sources[r.source].ref} ({job.out_name})"
             for p in model_params:
-                resolve(p, r.settings, job.out_name, job.t, where)
+                resolve(p, r.settings, r.name, job.t, where)

@@ -39,6 +39,9 @@ def _ensure_registered() -> None:
                    *interpolation.interpolation_methods(), model_stock.ModelStock()):
         register(method)
     # --- mask / balancing / layer / calibration methods ---
+    from .passthrough import Passthrough
+
+    register(Passthrough())
     from . import fisher_regmean, layer_swap, masks, pcb
 
     for method in (*masks.make_methods(), pcb.PCBMerge(), layer_swap.LayerSwap(),
