@@ -1,0 +1,337 @@
+// T-MAC table-lookup linear (arXiv 2407.00088): torchmerge::lut_linear.
+// Semantics: torchmerge/ops/lut.py (reference); layout of qweight: torchmerge/ops/lut_pack.py.
+// Tables and int8 table codes are bit-identical to the reference; float sums run in this order:
+// per (row m, 64-row block) and group g, P = Σ_chunks Σ_planes 2^i·(lookup_lo + lookup_hi), then
+// y += s·(0.5·ts·P + c·Sx) group after group (int8 tables: P is an exact integer sum).
+#include "common.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace torchmerge {
+namespace {
+
+constexpr int64_t RB = 64;  // rows per packed block
+
+struct Problem {
+  int64_t M = 0, K = 0, N = 0, NB = 0, KC = 0, G = 0, ng = 0;
+  int bits = 0;
+  bool int8 = false;
+  const uint8_t* qw = nullptr;
+  const float* scales = nullptr;  // [ng, ldp]
+  const float* zeros = nullptr;   // [ng, ldp] or null (symmetric)
+  int64_t ldp = 0;                // row stride of scales/zeros (N, or NB*64 when padded)
+  float csym = 0.f, chalf = 0.f;  // c = chalf - z (asymmetric) or csym (symmetric)
+  std::vector<float> tables;      // [M, K/4, 16] fp32 tables (fp32 mode)
+  std::vector<int8_t> tq;         // [M, K/4, 16] int8 tables (int8 mode)
+  std::vector<float> ts, sx;      // [M, ng]
+};
+
+// Tables for one (row, group): 8 entries with bit 3 set computed in the reference's order, 8 mirrored.
+void build_group(Problem& p, const float* x, int64_t m, int64_t g) {
+  const int64_t t0 = g * (p.G / 4), nt = p.G / 4;
+  float local[16 * 256];
+  float* T = p.int8 ? (nt <= 256 ? local : nullptr) : p.tables.data() + (m * (p.K / 4) + t0) * 16;
+  std::vector<float> big;
+  if (!T) { big.resize(nt * 16); T = big.data(); }
+  float amax = 0.f, sum = 0.f;
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* xs = x + (t0 + t) * 4;
+    float* e = T + t * 16;
+    for (int idx = 8; idx < 16; ++idx) {
+      float v = (idx & 1) ? xs[0] : -xs[0];
+      v = (idx & 2) ? v + xs[1] : v - xs[1];
+      v = (idx & 4) ? v + xs[2] : v - xs[2];
+      v = (idx & 8) ? v + xs[3] : v - xs[3];
+      e[idx] = v;
+      e[15 - idx] = -v;
+      amax = std::max(amax, std::fabs(v));
+    }
+    for (int j = 0; j < 4; ++j) sum += xs[j];
+  }
+  p.sx[m * p.ng + g] = sum;
+  if (!p.int8) return;
+  const float ts = amax == 0.f ? 1.f : amax / 127.0f;
+  p.ts[m * p.ng + g] = ts;
+  int8_t* q = p.tq.data() + (m * (p.K / 4) + t0) * 16;
+  for (int64_t e = 0; e < nt * 16; ++e) q[e] = int8_t(std::nearbyint(T[e] / ts));
+}
+
+// byte position -> row inside a 64-row block (lut_pack.row_of_position)
+inline int row_of(int pos) { return 32 * ((pos / 8) % 2) + 8 * (pos / 16) + pos % 8; }
+
+inline const float* scales_at(const Problem& p, int64_t g, int64_t nb) { return p.scales + g * p.ldp + nb * RB; }
+inline const float* zeros_at(const Problem& p, int64_t g, int64_t nb) { return p.zeros + g * p.ldp + nb * RB; }
+
+// y[r] += s·(f·P[r] + c·Sx) for the 64 rows of a block; P given as float.
+inline void combine_scalar(const Problem& p, int64_t nb, int64_t m, int64_t g, const float* P, float f, float* y) {
+  const float* s = scales_at(p, g, nb);
+  const float sx = p.sx[m * p.ng + g];
+  for (int r = 0; r < RB; ++r) {
+    const float c = p.zeros ? p.chalf - zeros_at(p, g, nb)[r] : p.csym;
+    y[r] += s[r] * (f * P[r] + c * sx);
+  }
+}
+
+void block_scalar(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int64_t cpg = p.G / 8;
+  float P[RB];
+  for (int64_t g = 0; g < p.ng; ++g) {
+    if (p.int8) {
+      int32_t acc[RB] = {0};
+      const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        for (int i = 0; i < p.bits; ++i) {
+          const uint8_t* v = qb + (c * p.bits + i) * RB;
+          for (int pos = 0; pos < RB; ++pos)
+            acc[row_of(pos)] += (T[2 * c * 16 + (v[pos] & 15)] + T[(2 * c + 1) * 16 + (v[pos] >> 4)]) * (1 << i);
+        }
+      for (int r = 0; r < RB; ++r) P[r] = float(acc[r]);
+      combine_scalar(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
+    } else {
+      std::fill(P, P + RB, 0.f);
+      const float* T = p.tables.data() + m * (p.K / 4) * 16;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        for (int i = 0; i < p.bits; ++i) {
+          const uint8_t* v = qb + (c * p.bits + i) * RB;
+          for (int pos = 0; pos < RB; ++pos)
+            P[row_of(pos)] += (T[2 * c * 16 + (v[pos] & 15)] + T[(2 * c + 1) * 16 + (v[pos] >> 4)]) * float(1 << i);
+        }
+      combine_scalar(p, nb, m, g, P, 0.5f, y);
+    }
+  }
+}
+
+#define TM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define TM_AVX2 __attribute__((target("avx2,fma")))
+
+// y[16q..16q+15] += s·(f·P + c·Sx) with P in 16-lane float vectors.
+TM_AVX512 inline void combine512(const Problem& p, int64_t nb, int64_t m, int64_t g, const __m512* P, float f, float* y) {
+  const __m512 fv = _mm512_set1_ps(f), sxv = _mm512_set1_ps(p.sx[m * p.ng + g]);
+  for (int q = 0; q < 4; ++q) {
+    const __m512 s = _mm512_loadu_ps(scales_at(p, g, nb) + 16 * q);
+    const __m512 c = p.zeros ? _mm512_sub_ps(_mm512_set1_ps(p.chalf), _mm512_loadu_ps(zeros_at(p, g, nb) + 16 * q))
+                             : _mm512_set1_ps(p.csym);
+    const __m512 t = _mm512_add_ps(_mm512_mul_ps(fv, P[q]), _mm512_mul_ps(c, sxv));
+    _mm512_storeu_ps(y + 16 * q, _mm512_add_ps(_mm512_loadu_ps(y + 16 * q), _mm512_mul_ps(s, t)));
+  }
+}
+
+TM_AVX512 void block_int8_512(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m512i a32[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += 8) {  // int16 holds 8 chunks: 8·254·15 < 2^15
+      __m512i A = _mm512_setzero_si512(), B = _mm512_setzero_si512();
+      for (int64_t c = c0; c < std::min(c0 + 8, (g + 1) * cpg); ++c) {
+        const __m512i TA = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
+        const __m512i TB = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
+        for (int i = 0; i < p.bits; ++i) {
+          const __m512i v = _mm512_loadu_si512(qb + (c * p.bits + i) * RB);
+          const __m512i L0 = _mm512_shuffle_epi8(TA, _mm512_and_si512(v, nib));
+          const __m512i L1 = _mm512_shuffle_epi8(TB, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+          const __m512i w = _mm512_set1_epi8(char(1 << i));
+          A = _mm512_add_epi16(A, _mm512_maddubs_epi16(w, _mm512_unpacklo_epi8(L0, L1)));
+          B = _mm512_add_epi16(B, _mm512_maddubs_epi16(w, _mm512_unpackhi_epi8(L0, L1)));
+        }
+      }
+      a32[0] = _mm512_add_epi32(a32[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(A)));
+      a32[1] = _mm512_add_epi32(a32[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(A, 1)));
+      a32[2] = _mm512_add_epi32(a32[2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(B)));
+      a32[3] = _mm512_add_epi32(a32[3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(B, 1)));
+    }
+    __m512 P[4];
+    for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(a32[q]);
+    combine512(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
+  }
+}
+
+// 16 rows 16q..16q+15 sit at byte positions p0..p0+7 and p0+16..p0+23, p0 = 32(q%2) + 8(q/2).
+TM_AVX512 inline __m512i rows16_512(const uint8_t* line, int q) {
+  const uint8_t* b = line + 32 * (q % 2) + 8 * (q / 2);
+  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)b), _mm_loadl_epi64((const __m128i*)(b + 16))));
+}
+
+TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const float* T = p.tables.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m512 P[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const __m512 TA = _mm512_loadu_ps(T + 2 * c * 16), TB = _mm512_loadu_ps(T + (2 * c + 1) * 16);
+      for (int i = 0; i < p.bits; ++i) {
+        const uint8_t* line = qb + (c * p.bits + i) * RB;
+        const __m512 w = _mm512_set1_ps(float(1 << i));
+        for (int q = 0; q < 4; ++q) {
+          const __m512i idx = rows16_512(line, q);  // vpermps reads the low 4 index bits
+          const __m512 L = _mm512_add_ps(_mm512_permutexvar_ps(idx, TA),
+                                         _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), TB));
+          P[q] = _mm512_add_ps(P[q], _mm512_mul_ps(L, w));
+        }
+      }
+    }
+    combine512(p, nb, m, g, P, 0.5f, y);
+  }
+}
+
+TM_AVX2 inline void combine256(const Problem& p, int64_t nb, int64_t m, int64_t g, const __m256* P, float f, float* y) {
+  const __m256 fv = _mm256_set1_ps(f), sxv = _mm256_set1_ps(p.sx[m * p.ng + g]);
+  for (int u = 0; u < 8; ++u) {
+    const __m256 s = _mm256_loadu_ps(scales_at(p, g, nb) + 8 * u);
+    const __m256 c = p.zeros ? _mm256_sub_ps(_mm256_set1_ps(p.chalf), _mm256_loadu_ps(zeros_at(p, g, nb) + 8 * u))
+                             : _mm256_set1_ps(p.csym);
+    const __m256 t = _mm256_add_ps(_mm256_mul_ps(fv, P[u]), _mm256_mul_ps(c, sxv));
+    _mm256_storeu_ps(y + 8 * u, _mm256_add_ps(_mm256_loadu_ps(y + 8 * u), _mm256_mul_ps(s, t)));
+  }
+}
+
+TM_AVX2 void block_int8_256(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m256i a32[8];
+    for (auto& a : a32) a = _mm256_setzero_si256();
+    for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += 8) {
+      __m256i R[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int64_t c = c0; c < std::min(c0 + 8, (g + 1) * cpg); ++c) {
+        const __m256i TA = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
+        const __m256i TB = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
+        for (int i = 0; i < p.bits; ++i) {
+          const __m256i w = _mm256_set1_epi8(char(1 << i));
+          for (int h = 0; h < 2; ++h) {  // h=0: rows 0..15 (lo) and 32..47 (hi); h=1: 16..31 and 48..63
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(qb + (c * p.bits + i) * RB + 32 * h));
+            const __m256i L0 = _mm256_shuffle_epi8(TA, _mm256_and_si256(v, nib));
+            const __m256i L1 = _mm256_shuffle_epi8(TB, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+            R[h] = _mm256_add_epi16(R[h], _mm256_maddubs_epi16(w, _mm256_unpacklo_epi8(L0, L1)));
+            R[2 + h] = _mm256_add_epi16(R[2 + h], _mm256_maddubs_epi16(w, _mm256_unpackhi_epi8(L0, L1)));
+          }
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        a32[2 * u] = _mm256_add_epi32(a32[2 * u], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(R[u])));
+        a32[2 * u + 1] = _mm256_add_epi32(a32[2 * u + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(R[u], 1)));
+      }
+    }
+    __m256 P[8];
+    for (int u = 0; u < 8; ++u) P[u] = _mm256_cvtepi32_ps(a32[u]);
+    combine256(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
+  }
+}
+
+// 16-entry fp32 lookup with 8-entry vpermps: both halves, blend on index bit 3 (moved to the sign bit).
+TM_AVX2 inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx, __m256i bit3_at_sign) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
+                          _mm256_castsi256_ps(bit3_at_sign));
+}
+
+TM_AVX2 void block_f32_256(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const float* T = p.tables.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m256 P[8];
+    for (auto& v : P) v = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const float* ta = T + 2 * c * 16;
+      const __m256 A0 = _mm256_loadu_ps(ta), A1 = _mm256_loadu_ps(ta + 8);
+      const __m256 B0 = _mm256_loadu_ps(ta + 16), B1 = _mm256_loadu_ps(ta + 24);
+      for (int i = 0; i < p.bits; ++i) {
+        const uint8_t* line = qb + (c * p.bits + i) * RB;
+        const __m256 w = _mm256_set1_ps(float(1 << i));
+        for (int u = 0; u < 8; ++u) {  // rows 8u..8u+7 at byte positions 16(u%4) + 8(u/4) + 0..7
+          const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(line + 16 * (u % 4) + 8 * (u / 4))));
+          const __m256 L0 = lookup16(A0, A1, idx, _mm256_slli_epi32(idx, 28));
+          const __m256 L1 = lookup16(B0, B1, _mm256_srli_epi32(idx, 4), _mm256_slli_epi32(idx, 24));
+          P[u] = _mm256_add_ps(P[u], _mm256_mul_ps(_mm256_add_ps(L0, L1), w));
+        }
+      }
+    }
+    combine256(p, nb, m, g, P, 0.5f, y);
+  }
+}
+
+at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size, bool int8_tables,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "lut_linear";
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_VALUE((xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf) && x.dim() >= 1, op,
+                    ": x must be a float32/bfloat16/float16 tensor [..., K]; got ", xt, " ", x.sizes());
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 4, op, ": bits must be one of (1, 2, 3, 4); got ", bits);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % 8 == 0 && K % group_size == 0, op,
+                    ": group_size must be a positive multiple of 8 that divides K=", K, " (e.g. 32, 64, 128); got ", group_size);
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == K / group_size, op,
+                    ": scales must be a 2-D torch.float32 tensor [K/group_size, N] = [", K / group_size, ", N]; got ",
+                    scales.scalar_type(), " ", scales.sizes());
+  Problem p;
+  p.K = K; p.N = scales.size(1); p.NB = (p.N + RB - 1) / RB; p.KC = K / 8; p.G = group_size; p.ng = K / group_size;
+  p.bits = int(bits); p.int8 = int8_tables;
+  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(0) == p.NB &&
+                        qweight.size(1) == p.KC && qweight.size(2) == bits && qweight.size(3) == RB,
+                    op, ": qweight must be torch.uint8 of shape [ceil(N/64), K/8, bits, 64] = [", p.NB, ", ", p.KC, ", ",
+                    bits, ", 64]; got ", qweight.scalar_type(), " ", qweight.sizes());
+  if (zeros) TORCH_CHECK_VALUE(zeros->scalar_type() == at::kFloat && zeros->sizes() == scales.sizes(), op,
+                               ": zeros must be None (symmetric) or torch.float32 shaped like scales ", scales.sizes());
+  if (bias) TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == p.N, op,
+                              ": bias must be None or a torch.float32 tensor [", p.N, "]");
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  p.M = x2.size(0);
+  const at::Tensor qw = qweight.contiguous();
+  p.qw = qw.data_ptr<uint8_t>();
+  // Kernels read 64 rows of scales at a time: pad to a multiple of 64 rows when N is not one.
+  at::Tensor sc = scales.contiguous(), zc = zeros ? zeros->contiguous() : at::Tensor();
+  if (p.N % RB) {
+    sc = at::constant_pad_nd(sc, {0, p.NB * RB - p.N});
+    if (zeros) zc = at::constant_pad_nd(zc, {0, p.NB * RB - p.N});
+  }
+  p.scales = sc.data_ptr<float>(); p.zeros = zeros ? zc.data_ptr<float>() : nullptr; p.ldp = sc.size(1);
+  p.chalf = float((1 << bits) - 1) / 2.f;
+  p.csym = bits == 1 ? 0.f : -0.5f;  // (2^b-1)/2 - z_sym
+  if (p.int8) { p.tq.resize(p.M * (K / 4) * 16); p.ts.resize(p.M * p.ng); }
+  else p.tables.resize(p.M * (K / 4) * 16);
+  p.sx.resize(p.M * p.ng);
+  const float* xp = x2.data_ptr<float>();
+  at::parallel_for(0, p.M * p.ng, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) build_group(p, xp + (t / p.ng) * K, t / p.ng, t % p.ng);
+  });
+  at::Tensor out = at::empty({p.M, p.N}, x2.options());
+  float* po = out.data_ptr<float>();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  const float* pb = bias ? bias_c.data_ptr<float>() : nullptr;
+  const Isa isa = active_isa();
+  using BlockFn = void (*)(const Problem&, int64_t, int64_t, float*);
+  BlockFn fn = isa == Isa::Avx512 ? (p.int8 ? block_int8_512 : block_f32_512)
+             : isa == Isa::Avx2   ? (p.int8 ? block_int8_256 : block_f32_256)
+                                  : block_scalar;
+  at::parallel_for(0, p.NB, 1, [&](int64_t b, int64_t e) {
+    alignas(64) float y[RB];
+    for (int64_t nb = b; nb < e; ++nb)
+      for (int64_t m = 0; m < p.M; ++m) {
+        std::fill(y, y + RB, 0.f);
+        fn(p, nb, m, y);
+        const int64_t rows = std::min(RB, p.N - nb * RB);
+        for (int64_t r = 0; r < rows; ++r) po[m * p.N + nb * RB + r] = pb ? y[r] + pb[nb * RB + r] : y[r];
+      }
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(p.N);
+  return out.reshape(shape).to(xt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmerge, CPU, m) { m.impl("lut_linear", &lut_linear_cpu); }
+
+}  // namespace torchmerge

@@ -1,0 +1,167 @@
+"""T-MAC table-lookup linear layer for b-bit weights (b ∈ {1, 2, 3, 4}).
+
+Jianyu Wei et al., "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge",
+arXiv 2407.00088. Packing, quantisation and the byte layout: torchmerge/ops/lut_pack.py.
+
+Op (namespace ``torchmerge``; kernels in csrc/lut.cpp):
+
+  lut_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size,
+             bool int8_tables=False, Tensor? bias=None) -> Tensor
+
+x [..., K] (float32 / bfloat16 / float16, computed in float32) → y [..., N] in x's dtype, where
+y ≈ x @ dequantize_lut_weights(...).T + bias.
+
+Exact math (``lut_linear_reference`` defines it; rows m of x, G = group_size, g a group of G inputs):
+
+1. Tables, one per 4 activations x_{4t..4t+3} (a "±1 bit-serial" table):
+       T_t[idx] = (((±x_{4t}) ± x_{4t+1}) ± x_{4t+2}) ± x_{4t+3},   sign j is + iff bit j of idx is 1.
+   The 8 entries with bit 3 set are computed (in that order, fp32); the other 8 are mirrored:
+   T_t[15 − idx] = −T_t[idx] (bit-identical to computing them).
+2. Optional int8 tables: ts_g = max_{t∈g, idx} |T_t[idx]| / 127 (1 if that max is 0),
+   Tq_t = RNE(T_t / ts_g) ∈ [−127, 127]; lookups are then summed exactly as integers.
+3. For bit-plane i and table t, idx_{i,t}(n) = Σ_j 2^j · bit_i(q[n, 4t+j]). Since
+   Σ_{k∈t} x_k·bit_i(q_k) = (T_t[idx] + Σ_{k∈t} x_k) / 2, with P_g(n) = Σ_i 2^i Σ_{t∈g} T_t[idx_{i,t}(n)]
+   (fp32 tables) or ts_g·Σ_i 2^i Σ_{t∈g} Tq_t[idx_{i,t}(n)] (int8 tables) and Sx_g = Σ_{k∈g} x_k:
+       y[n] = Σ_g s_g(n) · ( P_g(n)/2 + c_g(n)·Sx_g ) + bias[n],   c_g(n) = (2^b − 1)/2 − z_g(n).
+   With fp32 tables this equals Σ_k x_k·s·(q_k − z), i.e. dequantise-then-matmul, up to float
+   summation order. The kernels sum in their own order (tables and int8 codes are bit-identical;
+   float sums differ in the last bits), so tests compare them with a tight tolerance.
+4. int8-table error bound: every |Tq·ts − T| ≤ ts/2, hence
+       |y_int8 − y_fp32| ≤ Σ_g |s_g(n)| · (2^b − 1) · G · ts_g / 16   (+ fp32 rounding).
+
+Kernels: lookups by byte shuffle (vpshufb, 16-byte int8 table per 128-bit lane) on AVX-512BW and AVX2,
+vpmaddubsw with multipliers 2^i combines bit-planes in int16, flushed to int32 at least every 64 inputs;
+fp32 tables use vpermps. Scalar fallback everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loader import define_op
+from .lut_pack import (
+    ROWS_PER_BLOCK,
+    LutWeights,
+    check_bits,
+    check_group_size,
+    dequantize_lut_weights,
+    pack_lut_weights,
+    symmetric_zero,
+    unpack_codes,
+)
+
+__all__ = ["LutWeights", "pack_lut_weights", "dequantize_lut_weights", "lut_linear", "lut_linear_reference"]
+
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias) -> int:
+    """Raise a one-line ValueError naming the first bad argument; return N."""
+    op = "lut_linear"
+    if not isinstance(x, torch.Tensor) or x.dtype not in _X_DTYPES or x.dim() < 1:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be a float32/bfloat16/float16 tensor [..., K]; got {got}")
+    check_bits(op, bits)
+    k = x.shape[-1]
+    check_group_size(op, group_size, k)
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
+        raise ValueError(f"{op}: scales must be a 2-D torch.float32 tensor [K/group_size, N]; got "
+                         f"{getattr(scales, 'dtype', type(scales).__name__)} {tuple(getattr(scales, 'shape', ()))}")
+    n = scales.shape[1]
+    if scales.shape[0] != k // group_size:
+        raise ValueError(f"{op}: scales must have shape [K/group_size, N] = [{k // group_size}, N]; got {tuple(scales.shape)}")
+    want_q = (-(-n // ROWS_PER_BLOCK), k // 8, bits, ROWS_PER_BLOCK)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or tuple(qweight.shape) != want_q:
+        got = f"{qweight.dtype} {tuple(qweight.shape)}" if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise ValueError(f"{op}: qweight must be torch.uint8 of shape [ceil(N/64), K/8, bits, 64] = {list(want_q)}; got {got}")
+    if zeros is not None and (zeros.dtype != torch.float32 or zeros.shape != scales.shape):
+        raise ValueError(f"{op}: zeros must be None (symmetric) or torch.float32 shaped like scales "
+                         f"{tuple(scales.shape)}; got {zeros.dtype} {tuple(zeros.shape)}")
+    if not isinstance(int8_tables, bool):
+        raise ValueError(f"{op}: int8_tables must be a bool; got {int8_tables!r}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise ValueError(f"{op}: bias must be None or a torch.float32 tensor [{n}]; got {bias.dtype} {tuple(bias.shape)}")
+    return n
+
+
+def build_tables(x2: torch.Tensor) -> torch.Tensor:
+    """T [M, K/4, 16] float32: 8 entries computed in the documented order, 8 mirrored (step 1)."""
+    m, k = x2.shape
+    xs = x2.reshape(m, k // 4, 1, 4)
+    idx = torch.arange(8, 16)
+    v = torch.where((idx & 1).bool(), xs[..., 0], -xs[..., 0])
+    for j in (1, 2, 3):
+        v = torch.where(((idx >> j) & 1).bool(), v + xs[..., j], v - xs[..., j])
+    return torch.cat([-v.flip(-1), v], dim=-1)
+
+
+def quantize_tables(tables: torch.Tensor, group_size: int):
+    """(Tq int64 [M, K/4, 16], ts float32 [M, K/G]) per step 2."""
+    m, nt, _ = tables.shape
+    per_group = group_size // 4
+    amax = tables.abs().reshape(m, nt // per_group, per_group * 16).amax(-1)
+    ts = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+    tq = torch.round(tables / ts.repeat_interleave(per_group, dim=1)[..., None])
+    return tq.to(torch.int64), ts
+
+
+def lut_linear_reference(x, qweight, scales, zeros, bits, group_size, int8_tables=False, bias=None):
+    """Pure-PyTorch definition of ``lut_linear`` (module docstring, steps 1-3)."""
+    n = check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.float32)
+    m, ng, per_group = x2.shape[0], k // group_size, group_size // 4
+    tables = build_tables(x2)
+    if int8_tables:
+        tq, ts = quantize_tables(tables, group_size)
+        lut = tq.reshape(m, -1)
+    else:
+        lut = tables.reshape(m, -1)
+    q = unpack_codes(qweight, bits, n)  # [N, K]
+    qt = q.reshape(n, k // 4, 4)
+    offsets = torch.arange(k // 4) * 16
+    p = None
+    for i in range(bits):
+        idx = (((qt >> i) & 1) << torch.arange(4)).sum(-1) + offsets  # [N, K/4]
+        looked = lut[:, idx.reshape(-1)].reshape(m, n, ng, per_group).sum(-1)  # [M, N, K/G]
+        p = looked * 2**i if p is None else p + looked * 2**i
+    p = p.to(torch.float32)
+    if int8_tables:
+        p = p * ts[:, None, :]
+    sx = x2.reshape(m, ng, group_size).sum(-1)  # [M, K/G]
+    z = zeros.t() if zeros is not None else torch.full((n, ng), symmetric_zero(bits))
+    c = (2**bits - 1) / 2 - z  # [N, K/G]
+    y = (scales.t()[None] * (0.5 * p + c[None] * sx[:, None, :])).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def _lut_linear_fake(x, qweight, scales, zeros, bits, group_size, int8_tables=False, bias=None):
+    n = check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+define_op(
+    "lut_linear",
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
+    "bool int8_tables=False, Tensor? bias=None) -> Tensor",
+    reference=lut_linear_reference,
+    fake=_lut_linear_fake,
+)
+
+
+def lut_linear(
+    x: torch.Tensor,
+    packed: LutWeights,
+    bits: int,
+    group_size: int,
+    *,
+    int8_tables: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W packed by :func:`pack_lut_weights`; see the module docstring."""
+    qweight, scales, zeros = packed
+    check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+    return torch.ops.torchmerge.lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+

@@ -1,0 +1,142 @@
+"""Offline packing of weights for the T-MAC LUT kernels (``torchmerge::lut_linear``).
+
+Jianyu Wei et al., "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge",
+arXiv 2407.00088. A b-bit weight q = Σ_i 2^i·q_i is split into b one-bit planes q_i; each plane is
+multiplied by the activations through table lookups (see torchmerge/ops/lut.py).
+
+Quantisation of w [N, K] per group of ``group_size`` consecutive k of one row (RNE = round half even):
+
+* symmetric:  z = 2^(b-1) for b ≥ 2, z = 1/2 for b = 1;  s = max|w_g| / (2^b − 1 − z)
+* asymmetric: lo = min(min w_g, 0), hi = max(max w_g, 0);  s = (hi − lo) / (2^b − 1);  z = clamp(RNE(−lo/s), 0, 2^b − 1)
+
+then s = 1 where s = 0, and q = clamp(RNE(w/s + z), 0, 2^b − 1) (symmetric) or
+q = clamp(RNE(w/s) + z, 0, 2^b − 1) (asymmetric); the dequantised weight is s·(q − z). Symmetric b = 2
+is ternary {−s, 0, +s}; symmetric b = 1 is {−s/2, +s/2}.
+
+Packed layout (``LutWeights``), NB = ceil(N/64), KC = K/8:
+
+* ``qweight``: uint8 [NB, KC, b, 64]. Byte [nb, c, i, p] holds bit-plane i of 8 weights of one row
+  n = 64·nb + row(p), k = 8c .. 8c+7: bit β of the byte is bit i of q[n, 8c + β]. So the low nibble is
+  the 4-bit table index for activations 8c..8c+3 and the high nibble for 8c+4..8c+7.
+  Within the 64 bytes, position p = 16·lane + 8·h + j (lane < 4, h < 2, j < 8) holds row
+  row(p) = 32·h + 8·lane + j: after a per-128-bit-lane byte shuffle, unpacklo/unpackhi of the two
+  lookups and vpmaddubsw, the int16 results come out in natural row order. Rows ≥ N are zero padding.
+* ``scales``: float32 [K/group_size, N] (transposed so a kernel reads 64 rows of one group contiguously).
+* ``zeros``: float32 [K/group_size, N] integer-valued zero points (asymmetric), or None (symmetric: z above).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ROWS_PER_BLOCK = 64
+BITS_CHOICES = (1, 2, 3, 4)
+
+
+class LutWeights(NamedTuple):
+    """Packed weights for ``lut_linear``: layout in the module docstring."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+
+def symmetric_zero(bits: int) -> float:
+    """Fixed zero point of the symmetric grid: 2^(b−1) for b ≥ 2, 1/2 for b = 1."""
+    return 0.5 if bits == 1 else float(2 ** (bits - 1))
+
+
+def row_of_position() -> torch.Tensor:
+    """row(p) = 32·h + 8·lane + j for byte position p = 16·lane + 8·h + j (int64 [64])."""
+    p = torch.arange(ROWS_PER_BLOCK)
+    lane, h, j = p // 16, (p // 8) % 2, p % 8
+    return 32 * h + 8 * lane + j
+
+
+def check_bits(op: str, bits) -> None:
+    if not isinstance(bits, int) or bits not in BITS_CHOICES:
+        raise ValueError(f"{op}: bits must be one of {BITS_CHOICES}; got {bits!r}")
+
+
+def check_group_size(op: str, group_size, k: int) -> None:
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8 or k % group_size:
+        raise ValueError(
+            f"{op}: group_size must be a positive multiple of 8 that divides K={k} (e.g. 32, 64, 128); got {group_size!r}"
+        )
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Return (q int64 [N, K], scales float32 [N, K/G], zeros float32 [N, K/G]) per the module docstring."""
+    n, k = w.shape
+    wg = w.to(torch.float32).reshape(n, k // group_size, group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        z = torch.full((n, k // group_size), symmetric_zero(bits))
+        s = wg.abs().amax(-1) / (qmax - symmetric_zero(bits))
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.round(wg / s[..., None] + z[..., None])
+    else:
+        lo = wg.amin(-1).clamp(max=0.0)
+        hi = wg.amax(-1).clamp(min=0.0)
+        s = (hi - lo) / qmax
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.round(-lo / s).clamp(0, qmax)
+        q = torch.round(wg / s[..., None]) + z[..., None]
+    q = q.clamp(0, qmax).to(torch.int64).reshape(n, k)
+    return q, s, z
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lay out integer codes q [N, K] (0 ≤ q < 2^bits) as ``qweight`` uint8 [NB, K/8, bits, 64]."""
+    n, k = q.shape
+    nb = -(-n // ROWS_PER_BLOCK)
+    qp = torch.zeros(nb * ROWS_PER_BLOCK, k, dtype=torch.int64)
+    qp[:n] = q
+    planes = torch.stack([(qp >> i) & 1 for i in range(bits)])  # [b, Npad, K]
+    shifts = torch.arange(8)
+    bytes_ = (planes.reshape(bits, nb * ROWS_PER_BLOCK, k // 8, 8) << shifts).sum(-1)  # [b, Npad, KC]
+    bytes_ = bytes_.reshape(bits, nb, ROWS_PER_BLOCK, k // 8).permute(1, 3, 0, 2)  # [NB, KC, b, rows]
+    return bytes_[..., row_of_position()].to(torch.uint8).contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: integer codes int64 [N, K]."""
+    nb, kc = qweight.shape[0], qweight.shape[1]
+    natural = torch.empty_like(qweight)
+    natural[..., row_of_position()] = qweight  # [NB, KC, b, row]
+    by = natural.to(torch.int64).permute(2, 0, 3, 1).reshape(bits, nb * ROWS_PER_BLOCK, kc, 1)
+    planes = ((by >> torch.arange(8)) & 1).reshape(bits, nb * ROWS_PER_BLOCK, kc * 8)
+    q = sum(planes[i] << i for i in range(bits))
+    return q[:n]
+
+
+def pack_lut_weights(w: torch.Tensor, bits: int, group_size: int = 32, symmetric: bool = True) -> LutWeights:
+    """Quantise ``w`` [N, K] (F.linear layout) per group to ``bits`` bits and pack it for ``lut_linear``.
+
+    Math and layout: module docstring (T-MAC, arXiv 2407.00088). Offline, pure PyTorch.
+    """
+    op = "pack_lut_weights"
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{op}: w must be a 2-D floating-point tensor [N, K]; got {got}")
+    check_bits(op, bits)
+    check_group_size(op, group_size, w.shape[1])
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{op}: w must be finite (found inf or NaN)")
+    q, s, z = quantize_groups(w.detach().cpu(), bits, group_size, symmetric)
+    zeros = None if symmetric else z.t().contiguous()
+    return LutWeights(pack_codes(q, bits), s.t().contiguous(), zeros)
+
+
+def dequantize_lut_weights(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """w [N, K] float32 = s·(q − z) per group, from packed weights (the independent reference for tests)."""
+    n = scales.shape[1]
+    q = unpack_codes(qweight, bits, n).to(torch.float32)
+    k = q.shape[1]
+    z = zeros.t() if zeros is not None else torch.full((n, k // group_size), symmetric_zero(bits))
+    s = scales.t()
+    return ((q.reshape(n, -1, group_size) - z[..., None]) * s[..., None]).reshape(n, k)
