@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -270,7 +271,9 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
         return writer.finish()
     except OSError as e:
         writer.abort()
-        raise MergeError(f"{out}: writing failed ({e.strerror or e}); nothing was written") from None
+        code = e.errno if e.errno is not None else (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], int) else None)
+        reason = e.strerror or (os.strerror(code) if code is not None else str(e))  # OSError(ENOSPC) has no strerror
+        raise MergeError(f"{out}: writing failed ({reason}); nothing was written") from None
     except BaseException:
         writer.abort()
         raise

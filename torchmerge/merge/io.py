@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -196,7 +197,8 @@ def _pickle_source(ref: str, files: list[Path], config_dir: Path | None) -> Tens
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format; legacy (pre-1.6) pickle checkpoints are read whole
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
             raise MergeError(f"{f}: cannot load with weights_only=True ({str(e).splitlines()[0]})") from None
         if not isinstance(sd, dict):
