@@ -158,13 +158,14 @@ class _Runner:
         plan = self.plan
         base_params = {}
         if job.base is not None:
-            base_params = {p.name: resolve(p, job.base.settings, job.out_name, job.t, plan.sources[job.base.source].ref)
+            base_params = {p.name: resolve(p, job.base.settings, job.base.name, job.t, plan.sources[job.base.source].ref)
                            for p in self.model_params if any(s and p.name in s for s in job.base.settings[:1])}
 
         def load_expert(i: int) -> ExpertTensor:
             r = job.experts[i]
             where = f"{plan.sources[r.source].ref} ({job.out_name})"
-            params = {p.name: resolve(p, r.settings, job.out_name, job.t, where) for p in self.model_params}
+            # per-model settings see the input tensor's name (its own layer index in a slice), as mergekit
+            params = {p.name: resolve(p, r.settings, r.name, job.t, where) for p in self.model_params}
             aux_fns = {k: self._aux(r, k, job) for k in plan.method.aux_inputs}
             return ExpertTensor(plan.sources[r.source].ref, r.source, self._load(r, job).to(self.compute), params,
                                 aux=lambda k, fns=aux_fns: fns[k](k) if k in fns else None)
@@ -182,6 +183,13 @@ class _Runner:
         for src in self.plan.sources:
             src.release()
 
+    def global_params(self, job: Job) -> dict[str, Any]:
+        """Global-scope parameters for this tensor (gradients and filters resolved per tensor, as mergekit)."""
+        if not job.settings:
+            return self.plan.global_params
+        return {p.name: resolve(p, job.settings, job.out_name, job.t, "parameters")
+                for p in self.plan.method.param_specs() if p.scope == "global"}
+
     def merge_one(self, job: Job) -> torch.Tensor:
         if job.copy:  # copied tensors skip the method, so check them here (a NaN must not pass silently)
             ref = job.base or job.experts[0]
@@ -190,7 +198,7 @@ class _Runner:
                 src = self.plan.sources[ref.source]
                 raise MergeError(f"{src.where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
             return t
-        out = self.plan.method.merge(self.inputs(job), self.plan.global_params)
+        out = self.plan.method.merge(self.inputs(job), self.global_params(job))
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             self._name_non_finite(job)
         return out
