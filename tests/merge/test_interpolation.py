@@ -25,8 +25,11 @@ def test_slerp_reference_and_mergekit():
     omega = math.acos(float(a @ b / (a.norm() * b.norm())))
     ref = (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
     torch.testing.assert_close(got, ref.float().reshape(base.shape), rtol=1e-5, atol=1e-5)
-    mk = merge_tensors([base, other], "slerp", base_index=0, parameters={"t": t})
-    torch.testing.assert_close(got, mk, rtol=1e-6, atol=1e-6)
+    for t, shape in [(0.3, base.shape), (1 / 3, base.shape), (0.7, (1100, 1000))]:  # last: > 2^20, chunked
+        g = torch.Generator().manual_seed(9)
+        a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        got = run_method(registry.get("slerp"), [b], base=a, global_params={"t": t})
+        assert torch.equal(got, merge_tensors([a, b], "slerp", base_index=0, parameters={"t": t}))
 
 
 def test_slerp_endpoints_and_colinear_fallback():

@@ -39,17 +39,28 @@ class Slerp(MergeMethod):
             raise MergeError(
                 f"tensor {inputs.name!r}: slerp needs a base_model and exactly one other model, got {len(inputs.experts)}"
             )
-        t = params["t"]
-        v0, v1 = inputs.base, inputs.experts[0].tensor
-        n0, n1 = _norm(v0), _norm(v1)
+        v0, v1 = inputs.base.reshape(-1), inputs.experts[0].tensor.reshape(-1)
+        t = torch.tensor(params["t"], dtype=torch.float32)  # float32 t, so 1 − t rounds as mergekit's
+        if v0.numel() == 0:
+            return ((1 - t) * v0 + t * v1).reshape(inputs.base.shape)
+        n0, n1 = self._chunked_norm(v0), self._chunked_norm(v1)
         n0 = torch.where(n0 > self.eps, n0, 1.0)
         n1 = torch.where(n1 > self.eps, n1, 1.0)
-        dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
-        if dot.abs() > self.dot_threshold:
-            return (1 - t) * v0 + t * v1
-        theta = torch.acos(dot)
+        dot = torch.stack([((v0[c] / n0) * (v1[c] / n1)).sum() for c in self._chunks(v0)]).sum().clamp(-1, 1)
+        linear = dot.abs() > self.dot_threshold
+        theta = torch.acos(torch.where(linear, 0.0, dot))
         sin_theta = torch.sin(theta)
-        return (torch.sin((1 - t) * theta) / sin_theta) * v0 + (torch.sin(t * theta) / sin_theta) * v1
+        coef0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+        coef1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+        return (coef0 * v0 + coef1 * v1).reshape(inputs.base.shape)
+
+    @staticmethod
+    def _chunks(v: torch.Tensor) -> list[slice]:
+        # mergekit reduces in 2^20-element chunks; the same chunking gives the same rounding
+        return [slice(i, i + (1 << 20)) for i in range(0, v.numel(), 1 << 20)]
+
+    def _chunked_norm(self, v: torch.Tensor) -> torch.Tensor:
+        return _norm(torch.stack([_norm(v[c]) for c in self._chunks(v)]))
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
