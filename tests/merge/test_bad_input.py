@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from torchmerge.merge import writer as writer_mod
 from torchmerge.merge.base import MergeError
 from torchmerge.merge.engine import run_merge  # run_merge(...): see test_io's API test
 
-from ._checkpoints import llama_config, llama_tensors, merge_methods, tiny_model, write_hf, write_yaml  # noqa: F401
+from ._checkpoints import llama_config, llama_tensors, merge_methods, tiny_model, write_yaml  # noqa: F401
 
 
 # ---- helpers ---------------------------------------------------------------------------------
