@@ -9,6 +9,7 @@
 namespace torchmerge {
 namespace {
 
+constexpr int kFineBits = 4;  // shift-exp keeps x·log2(e) ≈ 23x/16 exactly (units of scale/16)
 constexpr int kShiftN = 15, kGeluN = 23, kPolyN = 30, kGeluShift = 14, kLnFracBits = 12;
 constexpr double kExpA = 0.35815147, kExpB = 0.96963238;  // I-BERT exp polynomial
 constexpr double kErfA = -0.2888, kErfB = -1.769;           // I-BERT erf polynomial
@@ -61,7 +62,7 @@ struct ExpConsts {
 };
 
 ExpConsts exp_consts(double scale, bool shift) {
-  if (shift) return {true, int64_t(std::floor(-1.0 / scale)), kShiftN, 0, 0};
+  if (shift) return {true, int64_t(std::floor(-16.0 / scale)), kShiftN, 0, 0};
   return {false, int64_t(std::floor(-std::log(2.0) / scale)), kPolyN, int64_t(std::floor(kExpB / kExpA / scale)),
           int64_t(std::floor(1.0 / kExpA / (scale * scale)))};
 }
@@ -80,7 +81,7 @@ void check_exp(double scale, const ExpConsts& k, const char* op) {
 
 int64_t exp_core(int64_t x, const ExpConsts& k) {
   x = std::min<int64_t>(x, 0);
-  if (k.shift) x = x + (x >> 1) - (x >> 4);
+  if (k.shift) x = x * 23;
   x = std::max(x, k.n * k.x0);
   const int64_t q = floor_div(x, k.x0), r = x - k.x0 * q;
   if (k.shift) return ((r - 2 * k.x0) << (k.n - q)) >> 1;
@@ -112,9 +113,8 @@ at::Tensor i_exp_cpu(const at::Tensor& x, double scale, std::string method) {
 
 at::Tensor shiftmax_cpu(const at::Tensor& x, double scale, int64_t out_bits, std::string method) {
   check_int(x, "shiftmax", {at::kChar, at::kShort, at::kInt}, kAnyInt);
-  check_scale(scale, "shiftmax");
+  check_scale(scale, "shiftmax", std::ldexp(1.0, -20));
   const ExpConsts k = exp_consts(scale, parse_method(method, "shiftmax"));
-  check_exp(scale, k, "shiftmax");
   TORCH_CHECK_VALUE(out_bits >= 2 && out_bits <= 16, "shiftmax: out_bits must be an int in [2, 16]; got ", out_bits);
   const int64_t top = (int64_t(1) << (out_bits - 1)) - 1;
   return map_rows(x, out_bits <= 8 ? at::kChar : at::kShort, [&](const int64_t* in, int64_t* out, int64_t d) {
@@ -123,13 +123,14 @@ at::Tensor shiftmax_cpu(const at::Tensor& x, double scale, int64_t out_bits, std
     int64_t sum = 0;
     for (int64_t i = 0; i < d; ++i) sum += (out[i] = exp_core(in[i] - m, k));
     const int64_t factor = (int64_t(1) << 62) / sum;
-    for (int64_t i = 0; i < d; ++i) out[i] = std::min((out[i] * factor) >> (63 - out_bits), top);
+    const int64_t half = int64_t(1) << (62 - out_bits);
+    for (int64_t i = 0; i < d; ++i) out[i] = std::min((out[i] * factor + half) >> (63 - out_bits), top);
   });
 }
 
 // I-ViT int_exp_shift with n = 23; positive x only occurs in the published exp(-x_max) term.
-int64_t gelu_exp(int64_t x, int64_t x0) {
-  x = x + (x >> 1) - (x >> 4);
+int64_t gelu_exp(int64_t x, int64_t x0, bool published) {
+  x = published ? x + (x >> 1) - (x >> 4) : x * 23;
   x = std::max(x, kGeluN * x0);
   const int64_t q = floor_div(x, x0), r = x - x0 * q;
   return ((r - 2 * x0) << std::min<int64_t>(kGeluN - q, 40)) >> 1;
@@ -140,17 +141,18 @@ at::Tensor shift_gelu_cpu(const at::Tensor& x, double scale, int64_t sigmoid_bit
   check_scale(scale, "shift_gelu", std::ldexp(1.0, -14));
   TORCH_CHECK_VALUE(sigmoid_bits >= 2 && sigmoid_bits <= 16, "shift_gelu: sigmoid_bits must be an int in [2, 16]; got ",
                     sigmoid_bits);
-  const int64_t x0 = int64_t(std::floor(-1.0 / (scale * 1.702)));
+  const int64_t x0 = int64_t(std::floor((published ? -1.0 : -16.0) / (scale * 1.702)));
+  const int64_t half = int64_t(1) << (62 - sigmoid_bits);
   const int64_t top = (int64_t(1) << (sigmoid_bits - 1)) - 1, cap31 = (int64_t(1) << 31) - 1;
   return map_rows(x, at::kInt, [&](const int64_t* in, int64_t* out, int64_t d) {
     int64_t row_max = in[0];
     for (int64_t i = 1; i < d; ++i) row_max = std::max(row_max, in[i]);
     for (int64_t i = 0; i < d; ++i) {
       const int64_t m = published ? row_max : std::max<int64_t>(in[i], 0);
-      const int64_t e = gelu_exp(in[i] - m, x0), e_m = gelu_exp(-m, x0);
+      const int64_t e = gelu_exp(in[i] - m, x0, published), e_m = gelu_exp(-m, x0, published);
       int64_t sig;
       if (published) sig = (e * (cap31 / std::min(e + e_m, cap31))) >> (32 - sigmoid_bits);
-      else sig = (e * ((int64_t(1) << 62) / (e + e_m))) >> (63 - sigmoid_bits);
+      else sig = (e * ((int64_t(1) << 62) / (e + e_m)) + half) >> (63 - sigmoid_bits);
       out[i] = in[i] * std::min(sig, top);
     }
   });
