@@ -98,3 +98,22 @@ def test_uuid_stable_across_processes_and_sensitive_to_options():
     assert other == FoldConstants().uuid()
     assert FoldConstants(ops=frozenset({aten.add})).uuid() != FoldConstants().uuid()
     assert PassPipeline([FoldConstants()]).uuid() != PassPipeline([FoldConstants(), DoubleRelu()]).uuid()
+
+
+@dataclass(frozen=True)
+class UseBeforeDef(GraphPass):
+    """Moves the output's producer after the output: the pipeline must name the node that breaks order."""
+
+    name = "use_before_def"
+
+    def call(self, gm):
+        relu = next(iter(gm.graph.find_nodes(op="call_function", target=aten.relu.default)))
+        gm.graph.output_node().append(relu)  # relu now comes after its users
+        return PassResult(gm, True)
+
+
+def test_topological_violation_names_the_user_node():
+    with pytest.raises(PassError) as info:
+        PassPipeline([UseBeforeDef()])(_gm())
+    assert info.value.pass_name == "use_before_def" and info.value.node != "<unknown>"
+    assert "used before it is defined" in str(info.value)

@@ -76,8 +76,10 @@ class PassPipeline:
         if not self.options.verify:
             return gm, result.modified
         try:
+            seen: set = set()
             for current in gm.graph.nodes:  # lint reports problems without naming nodes; find them first
-                _check_args_in_graph(current)
+                _check_args_in_graph(current, seen)
+                seen.add(current)
             current = None
             gm.graph.lint()
             gm.recompile()
@@ -89,12 +91,12 @@ class PassPipeline:
         return gm, result.modified
 
 
-def _check_args_in_graph(node: fx.Node) -> None:
+def _check_args_in_graph(node: fx.Node, seen: set) -> None:
     for arg in node.all_input_nodes:
         if arg.graph is not node.graph:
             raise RuntimeError(f"argument '{arg.name}' belongs to another graph")
-        if arg.prev is None or arg.next is None:
-            raise RuntimeError(f"argument '{arg.name}' was erased")
+        if arg not in seen:
+            raise RuntimeError(f"argument '{arg.name}' is used before it is defined (or was erased)")
 
 
 def propagate_val(gm: fx.GraphModule, node: fx.Node) -> None:

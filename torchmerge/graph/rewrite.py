@@ -73,7 +73,6 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[RewriteRule], max_rounds: in
         if not fired:
             break
     if report.applied:
-        gm.graph.lint()
         gm.recompile()
     return report
 

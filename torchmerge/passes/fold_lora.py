@@ -75,7 +75,7 @@ def _replace(gm, node, match):
     new.meta.update(linear.meta)
     linear.replace_all_uses_with(new)
     gm.graph.erase_node(linear)
-    return match["base"]
+    return new if match["base"] is linear else match["base"]
 
 
 @dataclass(frozen=True)
