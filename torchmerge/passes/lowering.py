@@ -10,9 +10,13 @@ from typing import Callable
 from ..graph.pass_base import GraphPass
 from ..precision.plan import PlanError, PrecisionPlan
 from .lower_bf16 import LowerBF16
+from .lower_lmul import LowerLMul
+from .lower_lut import LowerLUT
 
 LOWERINGS: dict[str, Callable[[PrecisionPlan], GraphPass]] = {
     "bf16": LowerBF16,
+    "lmul": LowerLMul,
+    "lut": LowerLUT,
 }
 
 

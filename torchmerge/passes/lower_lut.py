@@ -1,0 +1,61 @@
+"""LowerLUT: run linear layers a PrecisionPlan marks lut(bits, group) as T-MAC table-lookup matmuls.
+
+Weights are quantised per group of `group` inputs to `bits` bits and packed once, here at compile time
+(torchmerge.ops.lut_pack.pack_lut_weights); the packed codes, scales and zero points become graph
+constants read by torchmerge.lut_linear (T-MAC, Wei et al. 2024, arXiv 2407.00088). Only linear nodes
+(mm / addmm with a constant weight) are lowered; the fp32 weight constant is dropped by DCE afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graph.constants import add_constant
+from ..graph.pass_base import GraphPass, NodeError, PassResult
+from ..precision.plan import PrecisionPlan
+from ._match import linear_parts
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LowerLUT(GraphPass):
+    """Lower plan entries of kind lut: pack weights once, call torchmerge.lut_linear."""
+
+    plan: PrecisionPlan
+    symmetric: bool = True
+    int8_tables: bool = False
+    name = "lower_lut"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from ..ops import lut as lut_ops  # registers torch.ops.torchmerge.lut_linear
+
+        resolved = self.plan.resolve(gm)
+        targets = [n for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == "lut"]
+        for node in targets:
+            prec = resolved[node.name]
+            parts = linear_parts(node)
+            if parts is None:
+                raise NodeError(node, "lut lowers only linear layers (mm/addmm with a constant weight)")
+            x, wt, bias = parts
+            in_features = wt.shape[0]
+            if in_features % prec.group:
+                raise NodeError(node, f"{prec} needs in_features divisible by group {prec.group}, got "
+                                      f"{in_features}; valid groups: multiples of 4 dividing {in_features}")
+            packed = lut_ops.pack_lut_weights(wt.t().contiguous().float(), prec.bits, prec.group, self.symmetric)
+            consts = [add_constant(gm, t, f"{node.name}_lut_{what}", before=node) if t is not None else None
+                      for t, what in zip(packed, ("q", "scales", "zeros"))]
+            bias_node = add_constant(gm, bias.reshape(-1).float(), f"{node.name}_lut_bias", before=node) \
+                if bias is not None else None
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.torchmerge.lut_linear.default,
+                                             (x, *consts, prec.bits, prec.group, self.int8_tables, bias_node))
+            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        if targets:
+            gm.recompile()
+        return PassResult(gm, bool(targets))
