@@ -5,9 +5,12 @@ from __future__ import annotations
 from .base import MergeError, MergeMethod
 
 _METHODS: dict[str, MergeMethod] = {}
+_BUILTINS_REGISTERED = False
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    """Add a method (the built-ins are registered first, so a clashing name is caught here)."""
+    _ensure_registered()
     if not method.name:
         raise ValueError(f"{method!r} has no name")
     if method.name in _METHODS:
@@ -30,8 +33,10 @@ def names() -> list[str]:
 
 
 def _ensure_registered() -> None:
-    if _METHODS:
+    global _BUILTINS_REGISTERED
+    if _BUILTINS_REGISTERED:
         return
+    _BUILTINS_REGISTERED = True
     # --- generalized task arithmetic family and interpolation methods ---
     from . import interpolation, model_stock, task_arithmetic
 
