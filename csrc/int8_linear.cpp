@@ -173,8 +173,8 @@ void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t chan
     TORCH_CHECK_VALUE(t->dim() == 1 && (t->size(0) == 1 || t->size(0) == channels), op, ": ", name,
                       " must have shape [", channels, "] (per channel) or [1]; got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(shift.min().item<int32_t>() >= 0 && shift.max().item<int32_t>() <= 62, op,
-                    ": shift must be in [0, 62]");
+  TORCH_CHECK_VALUE(shift.numel() == 0 || (shift.min().item<int32_t>() >= 0 && shift.max().item<int32_t>() <= 62),
+                    op, ": shift must be in [0, 62]");
 }
 
 void check_out_dtype(at::ScalarType dt, const char* op) {

@@ -190,6 +190,7 @@ at::Tensor i_layernorm_cpu(const at::Tensor& x, const at::Tensor& multiplier, co
   TORCH_CHECK_VALUE(out_dtype == at::kChar || out_dtype == at::kShort, op,
                     ": out_dtype must be torch.int8 or torch.int16; got ", out_dtype);
   const std::vector<int64_t> mult = as_i64(multiplier), sh = as_i64(shift), bs = as_i64(bias);
+  for (int64_t v : sh) TORCH_CHECK_VALUE(v >= 0 && v <= 62, op, ": shift must be in [0, 62]");
   const int64_t q = out_dtype == at::kShort ? 32767 : 127;
   return map_rows(x, out_dtype, [&](const int64_t* in, int64_t* out, int64_t d) {
     int64_t sum = 0, sq = 0;

@@ -33,6 +33,12 @@ def _check_requant_params(multiplier: torch.Tensor, shift: torch.Tensor, channel
             raise ValueError(f"{op}: {name} must have shape [{channels}] (per channel) or [1]; got {tuple(t.shape)}")
 
 
+def check_shift_values(shift: torch.Tensor, op: str) -> None:
+    """Data check (references and kernels only; fake tensors have no values): shifts lie in [0, 62]."""
+    if shift.numel() and (int(shift.min()) < 0 or int(shift.max()) > 62):
+        raise ValueError(f"{op}: shift must be in [0, 62]; got values in [{int(shift.min())}, {int(shift.max())}]")
+
+
 def check_int8_linear(x, weight, bias, multiplier, shift, out_dtype) -> None:
     """Raise a one-line ValueError naming the first bad argument of int8_linear."""
     op = "int8_linear"
@@ -61,6 +67,7 @@ def int8_linear_reference(x, weight, bias, multiplier, shift, out_dtype):
     Rounding is half up (towards +inf at ties); no rounding term when s[n] = 0.
     """
     check_int8_linear(x, weight, bias, multiplier, shift, out_dtype)
+    check_shift_values(shift, "int8_linear")
     acc = torch.matmul(x.to(torch.float64), weight.to(torch.float64).t()).to(torch.int64)
     if bias is not None:
         acc = acc + bias.to(torch.int64)
@@ -83,6 +90,7 @@ def check_requantize(x, multiplier, shift, out_dtype) -> None:
 def requantize_reference(x, multiplier, shift, out_dtype):
     """out[..., c] = sat_{out_dtype}((x[..., c] · m[c] + 2^(s[c]-1)) >> s[c]); m, s of shape [C] or [1]."""
     check_requantize(x, multiplier, shift, out_dtype)
+    check_shift_values(shift, "requantize")
     return apply_dyadic(x, multiplier, shift, out_dtype)
 
 

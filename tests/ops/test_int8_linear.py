@@ -1,0 +1,138 @@
+"""int8_linear / requantize: reference vs hand formula, native vs reference, opcheck, bad inputs."""
+
+from fractions import Fraction
+import math
+
+import pytest
+import torch
+
+import torchmerge.ops as ops
+from torchmerge.ops import intlinear, quant
+
+native = pytest.mark.skipif(not ops.native_available(), reason="torchmerge/_C.so not built")
+
+
+def _case(m, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    bias = torch.randint(-(2**20), 2**20, (n,), dtype=torch.int32, generator=g)
+    mult, shift = quant.dyadic_multiplier(torch.rand(n, dtype=torch.float64, generator=g) * 2e-4)
+    return x, w, bias, mult, shift
+
+
+def _hand(x, w, bias, mult, shift, out_dtype):
+    """Python integers, explicit floor(v/2^s + 1/2) and saturation."""
+    lo, hi = (-128, 127) if out_dtype == torch.int8 else (-32768, 32767)
+    out = []
+    for row in x.tolist():
+        vals = []
+        for n, wrow in enumerate(w.tolist()):
+            acc = sum(a * b for a, b in zip(row, wrow)) + int(bias[n])
+            v = math.floor(Fraction(acc * int(mult[n]), 2 ** int(shift[n])) + Fraction(1, 2))
+            vals.append(min(max(v, lo), hi))
+        out.append(vals)
+    return torch.tensor(out, dtype=out_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int8, torch.int16])
+def test_reference_matches_hand_formula(out_dtype):
+    x, w, bias, mult, shift = _case(5, 37, 9)
+    if out_dtype == torch.int16:
+        mult, shift = quant.dyadic_multiplier(torch.full((9,), 3e-3, dtype=torch.float64))
+    got = intlinear.int8_linear_reference(x, w, bias, mult, shift, out_dtype)
+    assert torch.equal(got, _hand(x, w, bias, mult, shift, out_dtype))
+    assert got.abs().max() > 10  # the case exercises non-trivial values
+
+
+def test_requantize_reference_matches_hand_formula():
+    v = torch.randint(-(2**31), 2**31 - 1, (4, 6), dtype=torch.int32)
+    mult, shift = quant.dyadic_multiplier(torch.rand(6, dtype=torch.float64) * 1e-7)
+    got = intlinear.requantize_reference(v, mult, shift, torch.int16)
+    hand = [[min(max(math.floor(Fraction(int(a) * int(mult[c]), 2 ** int(shift[c])) + Fraction(1, 2)), -32768), 32767)
+             for c, a in enumerate(row)] for row in v.tolist()]
+    assert got.tolist() == hand
+
+
+@native
+@pytest.mark.parametrize("shape", [(1, 64, 8), (5, 100, 7), (37, 256, 40), (64, 512, 48), (3, 2, 5, 72, 16)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_bit_exact(shape, with_bias):
+    *lead, k, n = shape
+    x, w, bias, mult, shift = _case(math.prod(lead), k, n, seed=sum(shape))
+    x = x.reshape(*lead, k)
+    b = bias if with_bias else None
+    for out_dtype in (torch.int8, torch.int16):
+        got = torch.ops.torchmerge.int8_linear(x, w, b, mult, shift, out_dtype)
+        assert torch.equal(got, intlinear.int8_linear_reference(x, w, b, mult, shift, out_dtype))
+
+
+@native
+def test_native_requantize_bit_exact():
+    v = torch.randint(-(2**31), 2**31 - 1, (33, 20), dtype=torch.int32)
+    mult, shift = quant.dyadic_multiplier(torch.rand(20, dtype=torch.float64) * 1e-5)
+    for m, s in ((mult, shift), (mult[:1], shift[:1])):
+        got = torch.ops.torchmerge.requantize(v, m, s, torch.int8)
+        assert torch.equal(got, intlinear.requantize_reference(v, m, s, torch.int8))
+
+
+def test_end_to_end_close_to_float_linear():
+    g = torch.Generator().manual_seed(3)
+    xf, wf, bf = torch.randn(64, 256, generator=g), torch.randn(32, 256, generator=g) * 0.05, torch.randn(32, generator=g)
+    yf = torch.nn.functional.linear(xf, wf, bf)
+    wq, w_scale = quant.quantize_weight_per_channel(wf)
+    x_scale, out_scale = quant.scale_for(float(xf.abs().max())), quant.scale_for(float(yf.abs().max()), torch.int16)
+    bias, mult, shift = intlinear.int8_linear_params(x_scale, w_scale, out_scale, bf)
+    y = intlinear.int8_linear(quant.quantize_per_tensor(xf, x_scale), wq, bias, mult, shift, torch.int16)
+    rel = float((quant.dequantize(y, out_scale) - yf).norm() / yf.norm())
+    assert rel < 0.02
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(with_bias):
+    x, w, bias, mult, shift = _case(20, 64, 16)
+    torch.library.opcheck(torch.ops.torchmerge.int8_linear, (x, w, bias if with_bias else None, mult, shift, torch.int8))
+    torch.library.opcheck(torch.ops.torchmerge.requantize, (x.int() * 1000, mult[:1].expand(1), shift[:1], torch.int16))
+
+
+def test_k_limit_is_explained():
+    k = intlinear.MAX_K + 8
+    assert intlinear.MAX_K * 127 * 128 <= 2**31 - 1 < (intlinear.MAX_K + 1) * 127 * 128
+    x, w = torch.zeros(1, k, dtype=torch.int8), torch.zeros(2, k, dtype=torch.int8)
+    mult, shift = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    for fn in (torch.ops.torchmerge.int8_linear, intlinear.int8_linear_reference):
+        with pytest.raises(ValueError, match=rf"K={k} is too large.*K·127·128.*K ≤ {intlinear.MAX_K}"):
+            fn(x, w, None, mult, shift, torch.int8)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(x=torch.zeros(2, 8)), "x must be a torch.int8"),
+        (dict(weight=torch.zeros(4, 8, dtype=torch.int16)), "weight must be a 2-D torch.int8"),
+        (dict(x=torch.zeros(2, 9, dtype=torch.int8)), r"x's last dim \(9\) must equal weight's K \(8\)"),
+        (dict(bias=torch.zeros(4)), r"bias must be None or a torch.int32 tensor of shape \[4\]"),
+        (dict(bias=torch.zeros(3, dtype=torch.int32)), r"bias must be None or a torch.int32 tensor of shape \[4\]"),
+        (dict(multiplier=torch.ones(3, dtype=torch.int32)), r"multiplier must have shape \[4\] \(per channel\) or \[1\]"),
+        (dict(shift=torch.ones(4, dtype=torch.int64)), "shift must be torch.int32"),
+        (dict(out_dtype=torch.int32), "out_dtype must be torch.int8 or torch.int16"),
+    ],
+)
+def test_bad_inputs(change, message):
+    args = dict(x=torch.zeros(2, 8, dtype=torch.int8), weight=torch.zeros(4, 8, dtype=torch.int8), bias=None,
+                multiplier=torch.ones(4, dtype=torch.int32), shift=torch.ones(4, dtype=torch.int32), out_dtype=torch.int8)
+    args.update(change)
+    for fn in (torch.ops.torchmerge.int8_linear, intlinear.int8_linear_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(*args.values())
+    with pytest.raises(ValueError, match=message):  # the fake (meta) implementation checks too
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()]
+            torch.ops.torchmerge.int8_linear(*fake_args)
+
+
+def test_requantize_bad_inputs():
+    with pytest.raises(ValueError, match="requantize: x must be a torch.int32"):
+        intlinear.requantize(torch.zeros(3, dtype=torch.int8), torch.ones(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shift must have shape \[3\]"):
+        intlinear.requantize(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
