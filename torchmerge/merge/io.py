@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,13 @@ def _pickle_source(ref: str, files: list[Path], config_dir: Path | None) -> Tens
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            # mmap needs the zip format; legacy (pre-1.6) pickle checkpoints are read whole
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+            with warnings.catch_warnings():  # torch's protocol warnings would break the one-line error
+                warnings.simplefilter("ignore")
+                # mmap needs the zip format; legacy (pre-1.6) pickle checkpoints are read whole
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-            raise MergeError(f"{f}: cannot load with weights_only=True ({str(e).splitlines()[0]})") from None
+            raise MergeError(f"{f}: refused by torch.load(weights_only=True): it holds objects other than "
+                             f"tensors and plain containers ({type(e).__name__}); only plain state_dicts load") from None
         if not isinstance(sd, dict):
             raise MergeError(f"{f}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
         tensors.update(sd)
