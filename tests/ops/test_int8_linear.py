@@ -62,9 +62,19 @@ def test_native_bit_exact(shape, with_bias):
     x, w, bias, mult, shift = _case(math.prod(lead), k, n, seed=sum(shape))
     x = x.reshape(*lead, k)
     b = bias if with_bias else None
-    for out_dtype in (torch.int8, torch.int16):
-        got = torch.ops.torchmerge.int8_linear(x, w, b, mult, shift, out_dtype)
-        assert torch.equal(got, intlinear.int8_linear_reference(x, w, b, mult, shift, out_dtype))
+    for backend in ("auto", "onednn", "native"):
+        previous = intlinear.set_int8_gemm(backend)
+        try:
+            for out_dtype in (torch.int8, torch.int16):
+                got = torch.ops.torchmerge.int8_linear(x, w, b, mult, shift, out_dtype)
+                assert torch.equal(got, intlinear.int8_linear_reference(x, w, b, mult, shift, out_dtype)), backend
+        finally:
+            intlinear.set_int8_gemm(previous)
+
+
+def test_set_int8_gemm_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        intlinear.set_int8_gemm("mkl")
 
 
 @native

@@ -134,6 +134,23 @@ def int8_linear_params(
     return bias_int, multiplier, shift
 
 
+# Benchmark control: which int8 GEMM int8_linear uses ("auto" picks by M; "onednn" = torch._int_mm;
+# "native" = our VNNI/AVX2/scalar tiles). Implemented in csrc/int8_linear.cpp.
+torch.library.define("torchmerge::_set_int8_gemm", "(str backend) -> str")
+_GEMM_BACKENDS = ("auto", "onednn", "native")
+
+
+def set_int8_gemm(backend: str) -> str:
+    """Force the int8 GEMM of int8_linear's native kernel; returns the previous setting."""
+    from ._loader import native_available
+
+    if backend not in _GEMM_BACKENDS:
+        raise ValueError(f"_set_int8_gemm: backend must be one of {_GEMM_BACKENDS}; got {backend!r}")
+    if not native_available():
+        return "auto"  # the reference has a single GEMM (float64 matmul, exact)
+    return torch.ops.torchmerge._set_int8_gemm(backend)
+
+
 def int8_linear(x, weight, bias, multiplier, shift, out_dtype=torch.int8):
     """Integer-only linear; see :func:`int8_linear_reference` for the exact semantics."""
     return torch.ops.torchmerge.int8_linear(x, weight, bias, multiplier, shift, out_dtype)
@@ -144,4 +161,4 @@ def requantize(x, multiplier, shift, out_dtype=torch.int8):
     return torch.ops.torchmerge.requantize(x, multiplier, shift, out_dtype)
 
 
-__all__ = ["int8_linear", "requantize", "int8_linear_params", "int8_linear_reference", "requantize_reference", "MAX_K"]
+__all__ = ["int8_linear", "requantize", "set_int8_gemm", "int8_linear_params", "int8_linear_reference", "requantize_reference", "MAX_K"]
