@@ -10,22 +10,9 @@ Call ops as ``torch.ops.torchmerge.<name>``; the reference of each is ``torchmer
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import _loader
 from . import intlinear, intnonlinear, quant  # noqa: F401  (define the integer-only family)
-
-# TODO(lmul/lut owner): drop these guards once torchmerge/ops/lmul.py and lut.py both exist.
-try:
-    from . import lmul  # noqa: F401
-except ImportError:  # pragma: no cover - only while the family is being written
-    if (Path(__file__).with_name("lmul.py")).exists():
-        raise
-try:
-    from . import lut  # noqa: F401
-except ImportError:  # pragma: no cover - only while the family is being written
-    if (Path(__file__).with_name("lut.py")).exists():
-        raise
+from . import lmul, lut  # noqa: F401  (L-Mul and T-MAC LUT families)
 
 _loader.load_kernels()
 
