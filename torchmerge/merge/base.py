@@ -81,16 +81,41 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
-@dataclass
 class ExpertTensor:
-    """One expert's tensor for the current name, with that expert's resolved parameters."""
+    """One expert's tensor for the current name, with that expert's resolved parameters.
 
-    model: str  # the model's identifier as written in the config (path or label)
-    index: int  # position of the model in the config (stable, used for seeding)
-    tensor: torch.Tensor  # float32
-    params: Mapping[str, Any]
-    aux: Callable[[str], torch.Tensor | None] = field(default=lambda key: None, repr=False)
-    # aux("fisher") / aux("gram") give per-expert auxiliary tensors for this name, or None.
+    `raw` is the tensor as stored (often bf16, memory-mapped); `tensor` is it in the merge's compute
+    dtype, converted on first use. `delta_from(base)` lets the subtraction do the conversion (type
+    promotion converts exactly), which saves a full pass over memory and gives identical values.
+    """
+
+    def __init__(self, model: str, index: int, tensor: torch.Tensor, params: Mapping[str, Any],
+                 aux: Callable[[str], torch.Tensor | None] = lambda key: None,
+                 compute_dtype: torch.dtype | None = None):
+        self.model = model  # the model's identifier as written in the config (path or label)
+        self.index = index  # position of the model in the config (stable, used for seeding)
+        self.raw = tensor
+        self.params = params
+        self.aux = aux  # aux("fisher") / aux("gram"): per-expert auxiliary tensors for this name, or None
+        self.compute_dtype = compute_dtype or tensor.dtype
+        self._converted: torch.Tensor | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self.raw.dtype == self.compute_dtype:
+            return self.raw
+        if self._converted is None:
+            self._converted = self.raw.to(self.compute_dtype)
+        return self._converted
+
+    def delta_from(self, base: torch.Tensor) -> torch.Tensor:
+        """τ = θ_expert − θ_base in the compute dtype."""
+        if self._converted is None and torch.promote_types(self.raw.dtype, base.dtype) == base.dtype:
+            return torch.sub(self.raw, base)
+        return self.tensor - base
+
+    def __repr__(self) -> str:
+        return f"ExpertTensor({self.model!r}, index={self.index}, shape={tuple(self.raw.shape)}, params={dict(self.params)})"
 
 
 class Experts(Sequence[ExpertTensor]):

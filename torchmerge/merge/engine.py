@@ -55,6 +55,14 @@ def _keep_freed_memory_in_heap() -> None:
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. A sum is one read-only pass (NaN/Inf anywhere make it non-finite); only a
+    non-finite sum, which a huge finite tensor could also give, pays for the exact element check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def load_spec(spec_or_path: Any) -> tuple[MergeSpec, dict[str, Any]]:
     """A MergeSpec, a YAML path or a dict; dict entries whose `model` is an nn.Module or a
     state_dict are replaced by labels and returned in the memory map."""
@@ -127,7 +135,7 @@ class _Runner:
     def _load(self, ref, job: Job) -> torch.Tensor:
         src = self.plan.sources[ref.source]
         t = src.load(ref.name)
-        if self.options.check_finite_inputs and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if self.options.check_finite_inputs and not all_finite(t):
             raise MergeError(f"{src.where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
         return t
 
@@ -167,8 +175,8 @@ class _Runner:
             # per-model settings see the input tensor's name (its own layer index in a slice), as mergekit
             params = {p.name: resolve(p, r.settings, r.name, job.t, where) for p in self.model_params}
             aux_fns = {k: self._aux(r, k, job) for k in plan.method.aux_inputs}
-            return ExpertTensor(plan.sources[r.source].ref, r.source, self._load(r, job).to(self.compute), params,
-                                aux=lambda k, fns=aux_fns: fns[k](k) if k in fns else None)
+            return ExpertTensor(plan.sources[r.source].ref, r.source, self._load(r, job), params,
+                                aux=lambda k, fns=aux_fns: fns[k](k) if k in fns else None, compute_dtype=self.compute)
 
         base = self._load(job.base, job).to(self.compute) if job.base is not None else None
         return TensorInputs(job.out_name, base, Experts(len(job.experts), load_expert), plan.spec.seed,
@@ -194,19 +202,19 @@ class _Runner:
         if job.copy:  # copied tensors skip the method, so check them here (a NaN must not pass silently)
             ref = job.base or job.experts[0]
             t = self._load(ref, job)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 src = self.plan.sources[ref.source]
                 raise MergeError(f"{src.where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
             return t
         out = self.plan.method.merge(self.inputs(job), self.global_params(job))
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             self._name_non_finite(job)
         return out
 
     def _name_non_finite(self, job: Job) -> None:
         for ref in ([job.base] if job.base else []) + job.experts:
             t = self.plan.sources[ref.source].load(ref.name)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise MergeError(f"{self.plan.sources[ref.source].where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
         raise MergeError(f"method {self.plan.method.name!r} produced NaN/Inf for tensor {job.out_name!r} from finite inputs; check its parameters")
 

@@ -210,14 +210,14 @@ class GeneralizedTaskArithmetic(MergeMethod):
         """Yield (τᵢ, wᵢτᵢ, float32 wᵢ) one expert at a time."""
         for expert in inputs.experts:
             w = torch.tensor(expert.params["weight"], dtype=_F32)
-            tau = self._sparsify(expert.tensor - base, expert, inputs, params)
+            tau = self._sparsify(expert.delta_from(base), expert, inputs, params)
             yield tau, tau * w, w
 
     def _merge_sum(self, base, inputs, params) -> torch.Tensor:
-        mixed = torch.zeros_like(base)
+        mixed = None
         total = torch.zeros((), dtype=_F32)
         for _, wtau, w in self._weighted_deltas(base, inputs, params):
-            mixed += wtau
+            mixed = wtau if mixed is None else mixed.add_(wtau)  # 0 + x = x exactly: start from the first
             total += w
         if params["normalize"]:
             mixed /= torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
