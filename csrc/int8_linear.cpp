@@ -89,32 +89,29 @@ void gemm_avx2(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M, int64_
 // AVX-512 VNNI: vpdpbusd multiplies u8 × s8, so x is offset to u8 (x + 128) and 128·Σ_k w[n, k]
 // is subtracted afterwards. The int32 sums wrap, but wrap-around cancels exactly (mod 2^32 arithmetic)
 // because the true result fits int32.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void weight_sums_vnni(const int8_t* w, int32_t* wsum,
-                                                                                       int64_t K, int64_t n_begin,
-                                                                                       int64_t n_end) {
+// Σ_k w[n, k] via vpdpbusd(1, w); computed per weight tile so the tile is already in L1 for the GEMM.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) int32_t weight_sum_vnni(const int8_t* wrow, int64_t K,
+                                                                                        __mmask64 tail_mask) {
   const __m512i ones = _mm512_set1_epi8(1);
-  const int64_t k_tail = K % 64;
-  const __mmask64 tail_mask = k_tail ? (~__mmask64(0)) >> (64 - k_tail) : __mmask64(0);
-  for (int64_t n = n_begin; n < n_end; ++n) {  // Σ_k w[n, k] via vpdpbusd(1, w)
-    __m512i s = _mm512_setzero_si512();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w + n * K + k));
-    if (k_tail) s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(tail_mask, w + n * K + k));
-    wsum[n] = _mm512_reduce_add_epi32(s);
-  }
+  __m512i s = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(wrow + k));
+  if (K % 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(tail_mask, wrow + k));
+  return _mm512_reduce_add_epi32(s);
 }
 
 // Rows [m_begin, m_end) of x against weight tiles [nb_begin, nb_end).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemm_vnni_range(
-    const uint8_t* xu, const int8_t* w, const int32_t* wsum, int32_t* acc, int64_t M, int64_t N, int64_t K,
-    int64_t m_begin, int64_t m_end, int64_t nb_begin, int64_t nb_end) {
+    const uint8_t* xu, const int8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K, int64_t m_begin, int64_t m_end,
+    int64_t nb_begin, int64_t nb_end) {
   const int64_t k_tail = K % 64;
   const __mmask64 tail_mask = k_tail ? (~__mmask64(0)) >> (64 - k_tail) : __mmask64(0);
   for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
     const int64_t n0 = nb * kTile;
     const int8_t* wr[kTile];
     tile_rows(w, n0, N, K, wr);
-    const int32_t* ws = wsum + std::min(n0, N - 1);
+    int32_t ws[kTile];
+    for (int j = 0; j < kTile; ++j) ws[j] = weight_sum_vnni(wr[j], K, tail_mask);
     for (int64_t m0 = m_begin; m0 < m_end; m0 += kTile) {
       const int8_t* xr[kTile];
       tile_rows(reinterpret_cast<const int8_t*>(xu), m0, M, K, xr);
@@ -139,8 +136,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemm_vnni_r
       int32_t v[kTile][kTile];
       for (int i = 0; i < kTile; ++i)
         for (int j = 0; j < kTile; ++j) {
-          const int32_t wj = n0 + j < N ? ws[j] : 0;  // clamped edge rows are never stored
-          v[i][j] = int32_t(uint32_t(_mm512_reduce_add_epi32(a[i][j])) - (uint32_t(wj) << 7));
+          v[i][j] = int32_t(uint32_t(_mm512_reduce_add_epi32(a[i][j])) - (uint32_t(ws[j]) << 7));
         }
       store_tile(v, acc, m0, n0, M, N);
     }
@@ -153,19 +149,18 @@ void gemm_vnni(const int8_t* x, const int8_t* w, int32_t* acc, int64_t M, int64_
   at::parallel_for(0, M * K, 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) xu[i] = uint8_t(x[i]) ^ 0x80;
   });
-  std::vector<int32_t> wsum_buf(static_cast<size_t>(N));
-  int32_t* wsum = wsum_buf.data();
-  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) { weight_sums_vnni(w, wsum, K, b, e); });
   // Each weight tile stays in L1 while all x rows stream past it from L2; chunking rows instead
   // (re-streaming W per chunk) measured slower at M = 64..256, K = N = 4096.
   at::parallel_for(0, (N + kTile - 1) / kTile, 4, [&](int64_t b, int64_t e) {
-    gemm_vnni_range(xu, w, wsum, acc, M, N, K, 0, M, b, e);
+    gemm_vnni_range(xu, w, acc, M, N, K, 0, M, b, e);
   });
 }
 
-// oneDNN's s8s8s32 GEMM (VNNI, AMX where present) wins once M is large enough to amortise its packing
-// (min of 7, one thread, K = N = 4096, own vs oneDNN ms: M=1 0.8/3.5, 32 3.4/5.9, 64 12.2/14.4, 128 29/23, 256 40/31).
+// oneDNN's s8s8s32 GEMM (VNNI, AMX where present) wins for a single row (its GEMV path) and once M is large
+// enough to amortise its packing; our tiles win in between. Median ms, one thread, K = N = 4096, own / oneDNN:
+// M=1 0.65/0.39, 4 0.78/11, 16 1.6/11.5, 32 11/12.5, 64 12.4/20, 128 30/30, 256 57/47 (benchmarks/ops_bench.py).
 constexpr int64_t kOneDnnMinRows = 96;
+bool prefer_onednn(int64_t M) { return M == 1 || M >= kOneDnnMinRows; }
 
 // 0 = auto (by M), 1 = always oneDNN, 2 = always our kernels; set by torchmerge::_set_int8_gemm (benchmarks).
 std::atomic<int> g_gemm_backend{0};
@@ -184,7 +179,7 @@ at::Tensor accumulate(const at::Tensor& x2d, const at::Tensor& w) {
   const Isa isa = active_isa();
   const int backend = g_gemm_backend.load(std::memory_order_relaxed);
   // oneDNN picks its own ISA, so it is only used when AVX-512 is allowed (never under a forced scalar/AVX2 path).
-  if (isa == Isa::Avx512 && (backend == 1 || (backend == 0 && M >= kOneDnnMinRows))) return at::_int_mm(x2d, w.t());
+  if (isa == Isa::Avx512 && (backend == 1 || (backend == 0 && prefer_onednn(M)))) return at::_int_mm(x2d, w.t());
   at::Tensor acc = at::empty({M, N}, x2d.options().dtype(at::kInt));
   if (M == 0 || N == 0) return acc;
   const int8_t* xp = x2d.data_ptr<int8_t>();

@@ -1,0 +1,134 @@
+"""Benchmarks of torchmerge native ops against peers measured in the same run. Prints; asserts nothing.
+
+    python benchmarks/ops_bench.py                 # every section
+    python benchmarks/ops_bench.py --section int8  # one section (repeatable flag)
+
+Adding a section: write ``def <name>_section(cfg: BenchConfig) -> list[Row]`` and append it to SECTIONS.
+Times are medians over ``cfg.repeats`` calls after ``cfg.warmup`` calls; ratios are peer time / op time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import torchmerge.ops as ops
+from torchmerge.ops import intlinear, quant
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    repeats: int = 15
+    warmup: int = 2
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    name: str
+    seconds: float  # median
+    peer: str = ""  # name of the row this one is compared with
+    ratio: float | None = None  # peer seconds / these seconds (> 1: faster than the peer)
+    note: str = ""
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], cfg: BenchConfig) -> dict[str, float]:
+    """Median wall time of each function, timed round-robin so peers see the same machine load."""
+    for fn in fns.values():
+        for _ in range(cfg.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(cfg.repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_int8_gemm(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        previous = intlinear.set_int8_gemm(backend)
+        try:
+            return fn()
+        finally:
+            intlinear.set_int8_gemm(previous)
+    return run
+
+
+def print_rows(rows: list[Row]) -> None:
+    print(f"{'section':<8} {'case':<44} {'median ms':>10} {'ratio':>8}  vs / note")
+    for r in rows:
+        ratio = f"{r.ratio:7.2f}x" if r.ratio is not None else ""
+        print(f"{r.section:<8} {r.name:<44} {r.seconds * 1e3:10.3f} {ratio:>8}  {r.peer}{'; ' if r.peer and r.note else ''}{r.note}")
+
+
+def _gb_per_s(nbytes: int, seconds: float) -> str:
+    return f"weights {nbytes / seconds / 1e9:.1f} GB/s"
+
+
+def int8_section(cfg: BenchConfig) -> list[Row]:
+    """int8_linear with bias + per-channel dyadic requantisation vs fp32 F.linear, same shapes and run.
+
+    [auto] is what users get; [onednn] / [native] force the accumulation GEMM (torch._int_mm vs our tiles).
+    """
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in ((256, 4096, 4096), (1, 4096, 4096)):
+        xf = torch.randn(m, k, generator=g)
+        wf, bf = torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g) * 0.1
+        yf = F.linear(xf, wf, bf)
+        wq, w_scale = quant.quantize_weight_per_channel(wf)
+        x_scale, out_scale = quant.scale_for(float(xf.abs().max())), quant.scale_for(float(yf.abs().max()))
+        bias, mult, shift = intlinear.int8_linear_params(x_scale, w_scale, out_scale, bf)
+        xq = quant.quantize_per_tensor(xf, x_scale)
+        shape = f"M={m} K={k} N={n}"
+        err = float((quant.dequantize(intlinear.int8_linear(xq, wq, bias, mult, shift), out_scale) - yf).norm() / yf.norm())
+        int8 = lambda: intlinear.int8_linear(xq, wq, bias, mult, shift, torch.int8)  # noqa: E731
+        fns = {"fp32": lambda: F.linear(xf, wf, bf), "auto": int8}
+        if ops.native_available():
+            fns |= {"onednn": with_int8_gemm("onednn", int8), "native": with_int8_gemm("native", int8)}
+        fns["int_mm"] = lambda: torch._int_mm(xq, wq.t())
+        t = median_seconds(fns, cfg)
+        rows.append(Row("int8", f"F.linear fp32 {shape}", t["fp32"], note=_gb_per_s(4 * n * k, t["fp32"])))
+        for backend in [b for b in ("auto", "onednn", "native") if b in t]:
+            label = backend if ops.native_available() else "reference, no _C.so"
+            note = _gb_per_s(n * k, t[backend]) + (f"; rel. error vs fp32 {err:.2%}" if backend == "auto" else "")
+            rows.append(Row("int8", f"int8_linear+requant [{label}] {shape}", t[backend], "F.linear fp32",
+                            t["fp32"] / t[backend], note))
+        rows.append(Row("int8", f"torch._int_mm (int32 acc only) {shape}", t["int_mm"], "F.linear fp32",
+                        t["fp32"] / t["int_mm"]))
+    return rows
+
+
+SECTIONS: list[Callable[[BenchConfig], list[Row]]] = [int8_section]
+
+
+def main(argv: list[str] | None = None) -> None:
+    names = {fn.__name__.removesuffix("_section"): fn for fn in SECTIONS}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", action="append", choices=sorted(names), help="run only these sections")
+    parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
+    parser.add_argument("--warmup", type=int, default=BenchConfig.warmup)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(repeats=args.repeats, warmup=args.warmup)
+    isa = ops.set_cpu_isa("auto")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native kernels: {ops.native_available()}, "
+          f"cpu capability: {torch.backends.cpu.get_cpu_capability()}, isa setting: {isa}")
+    rows = []
+    for name in args.section or list(names):
+        rows += names[name](cfg)
+    print_rows(rows)
+
+
+if __name__ == "__main__":
+    main()
