@@ -49,6 +49,10 @@ def clip_to_best_range(w: torch.Tensor, bits: int, group: int, symmetric: bool) 
     return best.reshape(n, k)
 
 
+def _schema_names() -> list[str]:
+    return [a.name for a in torch.ops.torchmerge.lut_linear.default._schema.arguments]
+
+
 @dataclass(frozen=True)
 class LowerLUT(GraphPass):
     """Lower plan entries of kind lut: pack weights once, call torchmerge.lut_linear."""
@@ -79,7 +83,9 @@ class LowerLUT(GraphPass):
                 w = clip_to_best_range(w, prec.bits, prec.group, self.symmetric)
             packed = lut_ops.pack_lut_weights(w, prec.bits, prec.group, self.symmetric)
             consts = [add_constant(gm, t, f"{node.name}_lut_{what}", before=node) if t is not None else None
-                      for t, what in zip(packed, ("q", "scales", "zeros"))]
+                      for t, what in ((packed.qweight, "q"), (packed.scales, "scales"), (packed.zeros, "zeros"))]
+            if "out_features" in _schema_names():  # the op takes N explicitly (padding hides it in qweight)
+                consts.append(w.shape[0])
             bias_node = add_constant(gm, bias.reshape(-1).float(), f"{node.name}_lut_bias", before=node) \
                 if bias is not None else None
             with gm.graph.inserting_before(node):
