@@ -142,3 +142,28 @@ def test_native_ops_under_inductor_dynamic_without_graph_breaks():
             cosine = torch.nn.functional.cosine_similarity(compiled(x), model(x)).min().item()
             assert 0.98 < cosine < 1.0  # the lowered arithmetic ran (not fp32), and stayed accurate
     assert len(calls) == 1
+
+
+def test_plan_errors_surface_through_compile_as_one_line():
+    from torchmerge.precision.plan import PlanError
+
+    model, x = mlp(), torch.randn(2, 16)
+    compiled = torchmerge.compile(model, plan=PrecisionPlan({"decoder.9": "bf16"}), inner="eager")
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(x)
+    cause = info.value
+    while not isinstance(cause, PlanError) and (getattr(cause, "inner_exception", None) or cause.__cause__):
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__  # dynamo wraps backend errors
+    assert isinstance(cause, PlanError) and "\n" not in str(cause)
+    assert str(cause).startswith("plan key 'decoder.9' names no node or module of the graph; valid: ")
+
+
+def test_precision_without_lowering_is_named():
+    from torchmerge.passes.lowering import LOWERINGS, lowering_passes
+    from torchmerge.precision.plan import PlanError
+
+    missing = [k for k in ("int8", "lmul", "lut", "bf16") if k not in LOWERINGS]
+    if not missing:
+        pytest.skip("every precision has a lowering")
+    with pytest.raises(PlanError, match=rf"precision '{missing[0]}' has no lowering registered; available: fp32"):
+        lowering_passes(PrecisionPlan({"*": "lmul(4)" if missing[0] == "lmul" else missing[0].replace("lut", "lut(4)")}))

@@ -111,6 +111,8 @@ def torchmerge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], option
                 warnings.warn("torchmerge: training graph or unknown inputs; parameters stay inputs, so weight "
                               "folding and weight lowering are skipped", stacklevel=2)
                 keep = list(range(len(fw_inputs)))
+            if opts.plan is not None:
+                opts.plan.validate(fw_gm)  # a PlanError here names the key; inside a pass it would not
             out = pipeline(fw_gm).gm
         kept_inputs = [fw_inputs[i] for i in keep]
         compiled = _compile_inner(out, kept_inputs, opts.inner, pipeline.uuid())
