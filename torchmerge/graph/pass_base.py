@@ -59,10 +59,17 @@ def stable_repr(obj) -> object:
 
 @lru_cache(maxsize=None)
 def _source_digest(cls) -> str:
-    try:
-        return hashlib.sha256(inspect.getsource(inspect.getmodule(cls)).encode()).hexdigest()
-    except (OSError, TypeError):
-        return cls.__qualname__
+    """Hash of the source of every torchmerge module along the class's MRO (a base-class edit counts too)."""
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        module = inspect.getmodule(klass)
+        if module is None or not module.__name__.startswith("torchmerge"):
+            continue
+        try:
+            digest.update(inspect.getsource(module).encode())
+        except (OSError, TypeError):
+            digest.update(klass.__qualname__.encode())
+    return digest.hexdigest()
 
 
 class GraphPass(ABC):
