@@ -16,15 +16,16 @@ namespace torchmerge {
 namespace {
 
 constexpr int64_t RB = 64;  // rows per packed block
+constexpr int64_t kAhead = 24;  // chunks of software prefetch: the weight stream is DRAM-bound at large K
 
 struct Problem {
   int64_t M = 0, K = 0, N = 0, NB = 0, KC = 0, G = 0, ng = 0;
   int bits = 0;
   bool int8 = false;
   const uint8_t* qw = nullptr;
-  const float* scales = nullptr;  // [ng, ldp]
-  const float* zeros = nullptr;   // [ng, ldp] or null (symmetric)
-  int64_t ldp = 0;                // row stride of scales/zeros (N, or NB*64 when padded)
+  const void* scales = nullptr;   // [NB, ng, 64] float32 or float16 (half = true)
+  const void* zeros = nullptr;    // like scales, or null (symmetric)
+  bool half = false;
   float csym = 0.f, chalf = 0.f;  // c = chalf - z (asymmetric) or csym (symmetric)
   std::vector<float> tables;      // [M, K/4, 16] fp32 tables (fp32 mode)
   std::vector<int8_t> tq;         // [M, K/4, 16] int8 tables (int8 mode)
@@ -58,22 +59,28 @@ void build_group(Problem& p, const float* x, int64_t m, int64_t g) {
   const float ts = amax == 0.f ? 1.f : amax / 127.0f;
   p.ts[m * p.ng + g] = ts;
   int8_t* q = p.tq.data() + (m * (p.K / 4) + t0) * 16;
-  for (int64_t e = 0; e < nt * 16; ++e) q[e] = int8_t(std::nearbyint(T[e] / ts));
+  // RNE by the 1.5·2^23 trick (exact for |v| <= 127.5; vectorises, unlike nearbyint)
+  for (int64_t e = 0; e < nt * 16; ++e) q[e] = int8_t(int((T[e] / ts + 12582912.0f) - 12582912.0f));
 }
 
 // byte position -> row inside a 64-row block (lut_pack.row_of_position)
 inline int row_of(int pos) { return 32 * ((pos / 8) % 2) + 8 * (pos / 16) + pos % 8; }
 
-inline const float* scales_at(const Problem& p, int64_t g, int64_t nb) { return p.scales + g * p.ldp + nb * RB; }
-inline const float* zeros_at(const Problem& p, int64_t g, int64_t nb) { return p.zeros + g * p.ldp + nb * RB; }
+// Address of the 64 group parameters of (block nb, group g); element size 2 (float16) or 4 (float32).
+inline const void* param_at(const Problem& p, const void* base, int64_t g, int64_t nb) {
+  return static_cast<const char*>(base) + (nb * p.ng + g) * RB * (p.half ? 2 : 4);
+}
+inline float param_scalar(const Problem& p, const void* at, int r) {
+  return p.half ? float(static_cast<const c10::Half*>(at)[r]) : static_cast<const float*>(at)[r];
+}
 
 // y[r] += s·(f·P[r] + c·Sx) for the 64 rows of a block; P given as float.
 inline void combine_scalar(const Problem& p, int64_t nb, int64_t m, int64_t g, const float* P, float f, float* y) {
-  const float* s = scales_at(p, g, nb);
+  const void* s = param_at(p, p.scales, g, nb);
   const float sx = p.sx[m * p.ng + g];
   for (int r = 0; r < RB; ++r) {
-    const float c = p.zeros ? p.chalf - zeros_at(p, g, nb)[r] : p.csym;
-    y[r] += s[r] * (f * P[r] + c * sx);
+    const float c = p.zeros ? p.chalf - param_scalar(p, param_at(p, p.zeros, g, nb), r) : p.csym;
+    y[r] += param_scalar(p, s, r) * (f * P[r] + c * sx);
   }
 }
 
@@ -108,14 +115,23 @@ void block_scalar(const Problem& p, int64_t nb, int64_t m, float* y) {
 }
 
 #define TM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define TM_AVX2 __attribute__((target("avx2,fma")))
+#define TM_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+TM_AVX512 inline __m512 param16(const Problem& p, const void* at, int q) {
+  return p.half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)at + q))
+                : _mm512_loadu_ps(static_cast<const float*>(at) + 16 * q);
+}
+TM_AVX2 inline __m256 param8(const Problem& p, const void* at, int u) {
+  return p.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)at + u))
+                : _mm256_loadu_ps(static_cast<const float*>(at) + 8 * u);
+}
 
 // y[16q..16q+15] += s·(f·P + c·Sx) with P in 16-lane float vectors.
 TM_AVX512 inline void combine512(const Problem& p, int64_t nb, int64_t m, int64_t g, const __m512* P, float f, float* y) {
   const __m512 fv = _mm512_set1_ps(f), sxv = _mm512_set1_ps(p.sx[m * p.ng + g]);
   for (int q = 0; q < 4; ++q) {
-    const __m512 s = _mm512_loadu_ps(scales_at(p, g, nb) + 16 * q);
-    const __m512 c = p.zeros ? _mm512_sub_ps(_mm512_set1_ps(p.chalf), _mm512_loadu_ps(zeros_at(p, g, nb) + 16 * q))
+    const __m512 s = param16(p, param_at(p, p.scales, g, nb), q);
+    const __m512 c = p.zeros ? _mm512_sub_ps(_mm512_set1_ps(p.chalf), param16(p, param_at(p, p.zeros, g, nb), q))
                              : _mm512_set1_ps(p.csym);
     const __m512 t = _mm512_add_ps(_mm512_mul_ps(fv, P[q]), _mm512_mul_ps(c, sxv));
     _mm512_storeu_ps(y + 16 * q, _mm512_add_ps(_mm512_loadu_ps(y + 16 * q), _mm512_mul_ps(s, t)));
@@ -135,6 +151,7 @@ TM_AVX512 void block_int8_512(const Problem& p, int64_t nb, int64_t m, float* y)
         const __m512i TA = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
         const __m512i TB = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
         for (int i = 0; i < p.bits; ++i) {
+          _mm_prefetch((const char*)(qb + ((c + kAhead) * p.bits + i) * RB), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(qb + (c * p.bits + i) * RB);
           const __m512i L0 = _mm512_shuffle_epi8(TA, _mm512_and_si512(v, nib));
           const __m512i L1 = _mm512_shuffle_epi8(TB, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
@@ -170,6 +187,7 @@ TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) 
       const __m512 TA = _mm512_loadu_ps(T + 2 * c * 16), TB = _mm512_loadu_ps(T + (2 * c + 1) * 16);
       for (int i = 0; i < p.bits; ++i) {
         const uint8_t* line = qb + (c * p.bits + i) * RB;
+        _mm_prefetch((const char*)(line + kAhead * p.bits * RB), _MM_HINT_T0);
         const __m512 w = _mm512_set1_ps(float(1 << i));
         for (int q = 0; q < 4; ++q) {
           const __m512i idx = rows16_512(line, q);  // vpermps reads the low 4 index bits
@@ -186,8 +204,8 @@ TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) 
 TM_AVX2 inline void combine256(const Problem& p, int64_t nb, int64_t m, int64_t g, const __m256* P, float f, float* y) {
   const __m256 fv = _mm256_set1_ps(f), sxv = _mm256_set1_ps(p.sx[m * p.ng + g]);
   for (int u = 0; u < 8; ++u) {
-    const __m256 s = _mm256_loadu_ps(scales_at(p, g, nb) + 8 * u);
-    const __m256 c = p.zeros ? _mm256_sub_ps(_mm256_set1_ps(p.chalf), _mm256_loadu_ps(zeros_at(p, g, nb) + 8 * u))
+    const __m256 s = param8(p, param_at(p, p.scales, g, nb), u);
+    const __m256 c = p.zeros ? _mm256_sub_ps(_mm256_set1_ps(p.chalf), param8(p, param_at(p, p.zeros, g, nb), u))
                              : _mm256_set1_ps(p.csym);
     const __m256 t = _mm256_add_ps(_mm256_mul_ps(fv, P[u]), _mm256_mul_ps(c, sxv));
     _mm256_storeu_ps(y + 8 * u, _mm256_add_ps(_mm256_loadu_ps(y + 8 * u), _mm256_mul_ps(s, t)));
@@ -209,6 +227,7 @@ TM_AVX2 void block_int8_256(const Problem& p, int64_t nb, int64_t m, float* y) {
         const __m256i TB = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
         for (int i = 0; i < p.bits; ++i) {
           const __m256i w = _mm256_set1_epi8(char(1 << i));
+          _mm_prefetch((const char*)(qb + ((c + kAhead) * p.bits + i) * RB), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {  // h=0: rows 0..15 (lo) and 32..47 (hi); h=1: 16..31 and 48..63
             const __m256i v = _mm256_loadu_si256((const __m256i*)(qb + (c * p.bits + i) * RB + 32 * h));
             const __m256i L0 = _mm256_shuffle_epi8(TA, _mm256_and_si256(v, nib));
@@ -248,6 +267,7 @@ TM_AVX2 void block_f32_256(const Problem& p, int64_t nb, int64_t m, float* y) {
       const __m256 B0 = _mm256_loadu_ps(ta + 16), B1 = _mm256_loadu_ps(ta + 24);
       for (int i = 0; i < p.bits; ++i) {
         const uint8_t* line = qb + (c * p.bits + i) * RB;
+        _mm_prefetch((const char*)(line + kAhead * p.bits * RB), _MM_HINT_T0);
         const __m256 w = _mm256_set1_ps(float(1 << i));
         for (int u = 0; u < 8; ++u) {  // rows 8u..8u+7 at byte positions 16(u%4) + 8(u/4) + 0..7
           const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(line + 16 * (u % 4) + 8 * (u / 4))));
@@ -262,7 +282,8 @@ TM_AVX2 void block_f32_256(const Problem& p, int64_t nb, int64_t m, float* y) {
 }
 
 at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size, bool int8_tables,
+                          const std::optional<at::Tensor>& zeros, int64_t out_features, int64_t bits,
+                          int64_t group_size, bool int8_tables,
                           const std::optional<at::Tensor>& bias) {
   const char* op = "lut_linear";
   const auto xt = x.scalar_type();
@@ -272,31 +293,29 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(group_size > 0 && group_size % 8 == 0 && K % group_size == 0, op,
                     ": group_size must be a positive multiple of 8 that divides K=", K, " (e.g. 32, 64, 128); got ", group_size);
-  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == K / group_size, op,
-                    ": scales must be a 2-D torch.float32 tensor [K/group_size, N] = [", K / group_size, ", N]; got ",
-                    scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK_VALUE(out_features >= 1, op, ": out_features must be a positive int (N); got ", out_features);
   Problem p;
-  p.K = K; p.N = scales.size(1); p.NB = (p.N + RB - 1) / RB; p.KC = K / 8; p.G = group_size; p.ng = K / group_size;
+  p.K = K; p.N = out_features; p.NB = (p.N + RB - 1) / RB; p.KC = K / 8; p.G = group_size; p.ng = K / group_size;
+  TORCH_CHECK_VALUE((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.dim() == 3 && scales.size(0) == p.NB &&
+                        scales.size(1) == p.ng && scales.size(2) == RB,
+                    op, ": scales must be torch.float32 or torch.float16 of shape [ceil(N/64), K/group_size, 64] = [", p.NB, ", ", p.ng,
+                    ", 64]; got ", scales.scalar_type(), " ", scales.sizes());
   p.bits = int(bits); p.int8 = int8_tables;
   TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte && qweight.dim() == 4 && qweight.size(0) == p.NB &&
                         qweight.size(1) == p.KC && qweight.size(2) == bits && qweight.size(3) == RB,
                     op, ": qweight must be torch.uint8 of shape [ceil(N/64), K/8, bits, 64] = [", p.NB, ", ", p.KC, ", ",
                     bits, ", 64]; got ", qweight.scalar_type(), " ", qweight.sizes());
-  if (zeros) TORCH_CHECK_VALUE(zeros->scalar_type() == at::kFloat && zeros->sizes() == scales.sizes(), op,
-                               ": zeros must be None (symmetric) or torch.float32 shaped like scales ", scales.sizes());
+  if (zeros) TORCH_CHECK_VALUE(zeros->scalar_type() == scales.scalar_type() && zeros->sizes() == scales.sizes(), op,
+                               ": zeros must be None (symmetric) or a tensor of scales' dtype and shape ", scales.sizes());
   if (bias) TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == p.N, op,
                               ": bias must be None or a torch.float32 tensor [", p.N, "]");
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   p.M = x2.size(0);
   const at::Tensor qw = qweight.contiguous();
   p.qw = qw.data_ptr<uint8_t>();
-  // Kernels read 64 rows of scales at a time: pad to a multiple of 64 rows when N is not one.
-  at::Tensor sc = scales.contiguous(), zc = zeros ? zeros->contiguous() : at::Tensor();
-  if (p.N % RB) {
-    sc = at::constant_pad_nd(sc, {0, p.NB * RB - p.N});
-    if (zeros) zc = at::constant_pad_nd(zc, {0, p.NB * RB - p.N});
-  }
-  p.scales = sc.data_ptr<float>(); p.zeros = zeros ? zc.data_ptr<float>() : nullptr; p.ldp = sc.size(1);
+  const at::Tensor sc = scales.contiguous(), zc = zeros ? zeros->contiguous() : at::Tensor();
+  p.half = sc.scalar_type() == at::kHalf;
+  p.scales = sc.data_ptr(); p.zeros = zeros ? zc.data_ptr() : nullptr;
   p.chalf = float((1 << bits) - 1) / 2.f;
   p.csym = bits == 1 ? 0.f : -0.5f;  // (2^b-1)/2 - z_sym
   if (p.int8) { p.tq.resize(p.M * (K / 4) * 16); p.ts.resize(p.M * p.ng); }

@@ -5,8 +5,8 @@ arXiv 2407.00088. Packing, quantisation and the byte layout: torchmerge/ops/lut_
 
 Op (namespace ``torchmerge``; kernels in csrc/lut.cpp):
 
-  lut_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size,
-             bool int8_tables=False, Tensor? bias=None) -> Tensor
+  lut_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int out_features, int bits,
+             int group_size, bool int8_tables=False, Tensor? bias=None) -> Tensor
 
 x [..., K] (float32 / bfloat16 / float16, computed in float32) → y [..., N] in x's dtype, where
 y ≈ x @ dequantize_lut_weights(...).T + bias.
@@ -45,6 +45,7 @@ from .lut_pack import (
     check_bits,
     check_group_size,
     dequantize_lut_weights,
+    from_blocks,
     pack_lut_weights,
     symmetric_zero,
     unpack_codes,
@@ -53,9 +54,10 @@ from .lut_pack import (
 __all__ = ["LutWeights", "pack_lut_weights", "dequantize_lut_weights", "lut_linear", "lut_linear_reference"]
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPES = (torch.float32, torch.float16)
 
 
-def check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias) -> int:
+def check_lut_linear(x, qweight, scales, zeros, out_features, bits, group_size, int8_tables, bias) -> int:
     """Raise a one-line ValueError naming the first bad argument; return N."""
     op = "lut_linear"
     if not isinstance(x, torch.Tensor) or x.dtype not in _X_DTYPES or x.dim() < 1:
@@ -64,19 +66,21 @@ def check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, b
     check_bits(op, bits)
     k = x.shape[-1]
     check_group_size(op, group_size, k)
-    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
-        raise ValueError(f"{op}: scales must be a 2-D torch.float32 tensor [K/group_size, N]; got "
-                         f"{getattr(scales, 'dtype', type(scales).__name__)} {tuple(getattr(scales, 'shape', ()))}")
-    n = scales.shape[1]
-    if scales.shape[0] != k // group_size:
-        raise ValueError(f"{op}: scales must have shape [K/group_size, N] = [{k // group_size}, N]; got {tuple(scales.shape)}")
-    want_q = (-(-n // ROWS_PER_BLOCK), k // 8, bits, ROWS_PER_BLOCK)
+    if not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"{op}: out_features must be a positive int (N); got {out_features!r}")
+    n = out_features
+    nb = -(-n // ROWS_PER_BLOCK)
+    want_s = (nb, k // group_size, ROWS_PER_BLOCK)
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in _SCALE_DTYPES or tuple(scales.shape) != want_s:
+        raise ValueError(f"{op}: scales must be torch.float32 or torch.float16 of shape [ceil(N/64), K/group_size, 64] = {list(want_s)}; "
+                         f"got {getattr(scales, 'dtype', type(scales).__name__)} {tuple(getattr(scales, 'shape', ()))}")
+    want_q = (nb, k // 8, bits, ROWS_PER_BLOCK)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or tuple(qweight.shape) != want_q:
         got = f"{qweight.dtype} {tuple(qweight.shape)}" if isinstance(qweight, torch.Tensor) else type(qweight).__name__
         raise ValueError(f"{op}: qweight must be torch.uint8 of shape [ceil(N/64), K/8, bits, 64] = {list(want_q)}; got {got}")
-    if zeros is not None and (zeros.dtype != torch.float32 or zeros.shape != scales.shape):
-        raise ValueError(f"{op}: zeros must be None (symmetric) or torch.float32 shaped like scales "
-                         f"{tuple(scales.shape)}; got {zeros.dtype} {tuple(zeros.shape)}")
+    if zeros is not None and (zeros.dtype != scales.dtype or zeros.shape != scales.shape):
+        raise ValueError(f"{op}: zeros must be None (symmetric) or a tensor of scales' dtype and shape "
+                         f"({scales.dtype}, {tuple(scales.shape)}); got {zeros.dtype} {tuple(zeros.shape)}")
     if not isinstance(int8_tables, bool):
         raise ValueError(f"{op}: int8_tables must be a bool; got {int8_tables!r}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
@@ -105,18 +109,18 @@ def quantize_tables(tables: torch.Tensor, group_size: int):
     return tq.to(torch.int64), ts
 
 
-def lut_linear_reference(x, qweight, scales, zeros, bits, group_size, int8_tables=False, bias=None):
+def lut_linear_reference(x, qweight, scales, zeros, out_features, bits, group_size, int8_tables=False, bias=None):
     """Pure-PyTorch definition of ``lut_linear`` (module docstring, steps 1-3)."""
-    n = check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+    n = check_lut_linear(x, qweight, scales, zeros, out_features, bits, group_size, int8_tables, bias)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).to(torch.float32)
     m, ng, per_group = x2.shape[0], k // group_size, group_size // 4
     tables = build_tables(x2)
     if int8_tables:
         tq, ts = quantize_tables(tables, group_size)
-        lut = tq.reshape(m, -1)
+        lut = tq.reshape(m, (k // 4) * 16)
     else:
-        lut = tables.reshape(m, -1)
+        lut = tables.reshape(m, (k // 4) * 16)
     q = unpack_codes(qweight, bits, n)  # [N, K]
     qt = q.reshape(n, k // 4, 4)
     offsets = torch.arange(k // 4) * 16
@@ -129,22 +133,22 @@ def lut_linear_reference(x, qweight, scales, zeros, bits, group_size, int8_table
     if int8_tables:
         p = p * ts[:, None, :]
     sx = x2.reshape(m, ng, group_size).sum(-1)  # [M, K/G]
-    z = zeros.t() if zeros is not None else torch.full((n, ng), symmetric_zero(bits))
+    z = from_blocks(zeros, n).float() if zeros is not None else torch.full((n, ng), symmetric_zero(bits))
     c = (2**bits - 1) / 2 - z  # [N, K/G]
-    y = (scales.t()[None] * (0.5 * p + c[None] * sx[:, None, :])).sum(-1)
+    y = (from_blocks(scales, n).float()[None] * (0.5 * p + c[None] * sx[:, None, :])).sum(-1)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-def _lut_linear_fake(x, qweight, scales, zeros, bits, group_size, int8_tables=False, bias=None):
-    n = check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+def _lut_linear_fake(x, qweight, scales, zeros, out_features, bits, group_size, int8_tables=False, bias=None):
+    n = check_lut_linear(x, qweight, scales, zeros, out_features, bits, group_size, int8_tables, bias)
     return x.new_empty((*x.shape[:-1], n))
 
 
 define_op(
     "lut_linear",
-    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int out_features, int bits, int group_size, "
     "bool int8_tables=False, Tensor? bias=None) -> Tensor",
     reference=lut_linear_reference,
     fake=_lut_linear_fake,
@@ -161,7 +165,7 @@ def lut_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W packed by :func:`pack_lut_weights`; see the module docstring."""
-    qweight, scales, zeros = packed
-    check_lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
-    return torch.ops.torchmerge.lut_linear(x, qweight, scales, zeros, bits, group_size, int8_tables, bias)
+    qweight, scales, zeros, n = packed
+    check_lut_linear(x, qweight, scales, zeros, n, bits, group_size, int8_tables, bias)
+    return torch.ops.torchmerge.lut_linear(x, qweight, scales, zeros, n, bits, group_size, int8_tables, bias)
 

@@ -21,8 +21,10 @@ Packed layout (``LutWeights``), NB = ceil(N/64), KC = K/8:
   Within the 64 bytes, position p = 16·lane + 8·h + j (lane < 4, h < 2, j < 8) holds row
   row(p) = 32·h + 8·lane + j: after a per-128-bit-lane byte shuffle, unpacklo/unpackhi of the two
   lookups and vpmaddubsw, the int16 results come out in natural row order. Rows ≥ N are zero padding.
-* ``scales``: float32 [K/group_size, N] (transposed so a kernel reads 64 rows of one group contiguously).
-* ``zeros``: float32 [K/group_size, N] integer-valued zero points (asymmetric), or None (symmetric: z above).
+* ``scales``: float32 (or float16, ``scale_dtype``) [NB, K/group_size, 64]: scales[nb, g, r] is s of row 64·nb + r (natural row order),
+  group g; padding rows hold 0. Blocked so the kernel streams one block's scales contiguously.
+* ``zeros``: like ``scales`` (same dtype) holding integer-valued zero points (asymmetric), or None (symmetric: z above).
+* ``out_features``: N.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class LutWeights(NamedTuple):
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    out_features: int
 
 
 def symmetric_zero(bits: int) -> float:
@@ -55,6 +58,20 @@ def row_of_position() -> torch.Tensor:
     return 32 * h + 8 * lane + j
 
 
+def to_blocks(t: torch.Tensor) -> torch.Tensor:
+    """[N, ng] per-row group parameters -> [NB, ng, 64] (rows padded with 0)."""
+    n, ng = t.shape
+    nb = -(-n // ROWS_PER_BLOCK)
+    out = torch.zeros(nb * ROWS_PER_BLOCK, ng, dtype=t.dtype)
+    out[:n] = t
+    return out.reshape(nb, ROWS_PER_BLOCK, ng).transpose(1, 2).contiguous()
+
+
+def from_blocks(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: [NB, ng, 64] -> [N, ng]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
+
+
 def check_bits(op: str, bits) -> None:
     if not isinstance(bits, int) or bits not in BITS_CHOICES:
         raise ValueError(f"{op}: bits must be one of {BITS_CHOICES}; got {bits!r}")
@@ -67,7 +84,7 @@ def check_group_size(op: str, group_size, k: int) -> None:
         )
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype=torch.float32):
     """Return (q int64 [N, K], scales float32 [N, K/G], zeros float32 [N, K/G]) per the module docstring."""
     n, k = w.shape
     wg = w.to(torch.float32).reshape(n, k // group_size, group_size)
@@ -75,17 +92,25 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     if symmetric:
         z = torch.full((n, k // group_size), symmetric_zero(bits))
         s = wg.abs().amax(-1) / (qmax - symmetric_zero(bits))
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = _representable(s, scale_dtype)
         q = torch.round(wg / s[..., None] + z[..., None])
     else:
         lo = wg.amin(-1).clamp(max=0.0)
         hi = wg.amax(-1).clamp(min=0.0)
         s = (hi - lo) / qmax
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = _representable(s, scale_dtype)
         z = torch.round(-lo / s).clamp(0, qmax)
         q = torch.round(wg / s[..., None]) + z[..., None]
     q = q.clamp(0, qmax).to(torch.int64).reshape(n, k)
     return q, s, z
+
+
+def _representable(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """s rounded to ``dtype`` (and back to float32); 1 where it is 0 (or underflows to 0)."""
+    s = s.to(dtype).to(torch.float32)
+    if torch.isinf(s).any():
+        raise ValueError(f"pack_lut_weights: a group scale overflows {dtype}; use scale_dtype=torch.float32")
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,10 +137,14 @@ def unpack_codes(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return q[:n]
 
 
-def pack_lut_weights(w: torch.Tensor, bits: int, group_size: int = 32, symmetric: bool = True) -> LutWeights:
+def pack_lut_weights(
+    w: torch.Tensor, bits: int, group_size: int = 32, symmetric: bool = True, scale_dtype: torch.dtype = torch.float32
+) -> LutWeights:
     """Quantise ``w`` [N, K] (F.linear layout) per group to ``bits`` bits and pack it for ``lut_linear``.
 
     Math and layout: module docstring (T-MAC, arXiv 2407.00088). Offline, pure PyTorch.
+    ``scale_dtype=torch.float16`` halves the scale traffic (T-MAC's choice); codes are chosen with the
+    rounded scales, so dequantisation uses exactly the stored values.
     """
     op = "pack_lut_weights"
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
@@ -125,18 +154,20 @@ def pack_lut_weights(w: torch.Tensor, bits: int, group_size: int = 32, symmetric
     check_group_size(op, group_size, w.shape[1])
     if not torch.isfinite(w).all():
         raise ValueError(f"{op}: w must be finite (found inf or NaN)")
-    q, s, z = quantize_groups(w.detach().cpu(), bits, group_size, symmetric)
-    zeros = None if symmetric else z.t().contiguous()
-    return LutWeights(pack_codes(q, bits), s.t().contiguous(), zeros)
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"{op}: scale_dtype must be torch.float32 or torch.float16; got {scale_dtype}")
+    q, s, z = quantize_groups(w.detach().cpu(), bits, group_size, symmetric, scale_dtype)
+    zeros = None if symmetric else to_blocks(z).to(scale_dtype)
+    return LutWeights(pack_codes(q, bits), to_blocks(s).to(scale_dtype), zeros, w.shape[0])
 
 
 def dequantize_lut_weights(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out_features: int, bits: int, group_size: int
 ) -> torch.Tensor:
     """w [N, K] float32 = s·(q − z) per group, from packed weights (the independent reference for tests)."""
-    n = scales.shape[1]
+    n = out_features
     q = unpack_codes(qweight, bits, n).to(torch.float32)
     k = q.shape[1]
-    z = zeros.t() if zeros is not None else torch.full((n, k // group_size), symmetric_zero(bits))
-    s = scales.t()
+    z = from_blocks(zeros, n).float() if zeros is not None else torch.full((n, k // group_size), symmetric_zero(bits))
+    s = from_blocks(scales, n).float()
     return ((q.reshape(n, -1, group_size) - z[..., None]) * s[..., None]).reshape(n, k)
