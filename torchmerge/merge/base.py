@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REQUIRED = object()  # sentinel default: the parameter must be given
 
 
@@ -108,11 +109,27 @@ class ExpertTensor:
             self._converted = self.raw.to(self.compute_dtype)
         return self._converted
 
+    def _fusable(self, base: torch.Tensor) -> bool:
+        return base.dtype == torch.float32 and self.raw.dtype in _FUSED_DTYPES and self.raw.shape == base.shape
+
     def delta_from(self, base: torch.Tensor) -> torch.Tensor:
-        """τ = θ_expert − θ_base in the compute dtype."""
-        if self._converted is None and torch.promote_types(self.raw.dtype, base.dtype) == base.dtype:
-            return torch.sub(self.raw, base)
+        """τ = θ_expert − θ_base in the compute dtype (one fused pass for fp32 compute)."""
+        if self._fusable(base):
+            from ..ops.merge_kernels import merge_delta
+
+            return merge_delta(self.raw, base)
         return self.tensor - base
+
+    def accumulate_delta(self, acc: torch.Tensor | None, base: torch.Tensor, weight: float) -> torch.Tensor:
+        """acc + (θ_expert − θ_base)·w, rounded like the separate ops (acc None: start from zero)."""
+        if self._fusable(base):
+            from ..ops.merge_kernels import merge_axpy_delta_, merge_scaled_delta
+
+            if acc is None:
+                return merge_scaled_delta(self.raw, base, weight)
+            return merge_axpy_delta_(acc, self.raw, base, weight)
+        term = (self.tensor - base) * torch.tensor(weight, dtype=base.dtype)
+        return term if acc is None else acc.add_(term)
 
     def __repr__(self) -> str:
         return f"ExpertTensor({self.model!r}, index={self.index}, shape={tuple(self.raw.shape)}, params={dict(self.params)})"

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from . import sparsify as sp
+from ..ops.merge_kernels import merge_finish
 from .base import REQUIRED, MergeError, MergeMethod, Param, TensorInputs, in_range, one_of
 
 _F32 = torch.float32
@@ -198,12 +199,18 @@ class GeneralizedTaskArithmetic(MergeMethod):
             raise MergeError(f"tensor {inputs.name!r}: {self.name} needs a base_model")
         if len(inputs.experts) == 0:
             return base.clone()
+        divisor = None
         if self.variant.consensus:
             mixed = self._merge_consensus(base, inputs, params)
         else:
-            mixed = self._merge_sum(base, inputs, params)
-        if params["lambda"] != 1:
-            mixed *= params["lambda"]
+            mixed, divisor = self._merge_sum(base, inputs, params)
+        lam = params["lambda"] if params["lambda"] != 1 else None
+        if base.dtype == _F32:  # one fused pass: base + ((mixed / divisor) · λ), same roundings
+            return merge_finish(base, mixed, divisor, lam)
+        if divisor is not None:
+            mixed /= torch.tensor(divisor, dtype=mixed.dtype)
+        if lam is not None:
+            mixed *= lam
         return base + mixed
 
     def _weighted_deltas(self, base, inputs, params) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -213,15 +220,22 @@ class GeneralizedTaskArithmetic(MergeMethod):
             tau = self._sparsify(expert.delta_from(base), expert, inputs, params)
             yield tau, tau * w, w
 
-    def _merge_sum(self, base, inputs, params) -> torch.Tensor:
+    def _merge_sum(self, base, inputs, params) -> tuple[torch.Tensor, float | None]:
+        """(Σ wᵢτᵢ, the normalising divisor or None)."""
         mixed = None
         total = torch.zeros((), dtype=_F32)
-        for _, wtau, w in self._weighted_deltas(base, inputs, params):
-            mixed = wtau if mixed is None else mixed.add_(wtau)  # 0 + x = x exactly: start from the first
-            total += w
+        if self.variant.sparsify is None:  # plain task arithmetic: one fused pass per expert
+            for expert in inputs.experts:
+                mixed = expert.accumulate_delta(mixed, base, expert.params["weight"])
+                total += torch.tensor(expert.params["weight"], dtype=_F32)
+        else:
+            for _, wtau, w in self._weighted_deltas(base, inputs, params):
+                mixed = wtau if mixed is None else mixed.add_(wtau)  # 0 + x = x exactly: start from the first
+                total += w
+        divisor = None
         if params["normalize"]:
-            mixed /= torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-        return mixed
+            divisor = float(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
+        return mixed, divisor
 
     def _merge_consensus(self, base, inputs, params) -> torch.Tensor:
         weighted_vote = params["sign_vote"] == "weighted"

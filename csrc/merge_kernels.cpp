@@ -1,0 +1,179 @@
+// Fused elementwise kernels for streaming merges (torchmerge/ops/merge_kernels.py defines the schemas
+// and the reference semantics). Each output element is rounded exactly as the unfused torch ops round
+// it, so results stay bit-identical to the reference (and to mergekit): FMA contraction is disabled
+// for the whole library (-ffp-contract=off in CMakeLists.txt).
+#include "common.h"
+
+#include <cstring>
+#include <optional>
+
+namespace torchmerge {
+namespace {
+
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const c10::BFloat16* p, int64_t i) {
+  uint16_t h;
+  std::memcpy(&h, p + i, 2);
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float load_f(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// out[i] = e[i] - b[i] and acc[i] = acc[i] + (e[i] - b[i]) * w, each operation rounded to fp32,
+// compiled for AVX-512, AVX2 (auto-vectorised) and the baseline ISA.
+#define TM_TARGET_CLONES(ATTR, SUFFIX)                                                            \
+  template <typename E, typename B>                                                               \
+  ATTR void delta_loop_##SUFFIX(float* out, const E* e, const B* b, int64_t s, int64_t t) {       \
+    for (int64_t i = s; i < t; ++i) out[i] = load_f(e, i) - load_f(b, i);                         \
+  }                                                                                               \
+  template <typename E, typename B>                                                               \
+  ATTR void axpy_loop_##SUFFIX(float* acc, const E* e, const B* b, float w, int64_t s, int64_t t) { \
+    for (int64_t i = s; i < t; ++i) {                                                             \
+      float d = load_f(e, i) - load_f(b, i);                                                      \
+      d = d * w;                                                                                  \
+      acc[i] = acc[i] + d;                                                                        \
+    }                                                                                             \
+  }                                                                                               \
+  template <typename E, typename B>                                                               \
+  ATTR void scaled_loop_##SUFFIX(float* out, const E* e, const B* b, float w, int64_t s, int64_t t) { \
+    for (int64_t i = s; i < t; ++i) {                                                             \
+      float d = load_f(e, i) - load_f(b, i);                                                      \
+      d = d * w;                                                                                  \
+      out[i] = 0.0f + d; /* a zero-filled accumulator plus the term: keeps +0 for -0 terms */     \
+    }                                                                                             \
+  }                                                                                               \
+  ATTR void finish_loop_##SUFFIX(float* out, const float* b, const float* m, float div, bool use_div, \
+                                 float lam, bool use_lam, int64_t s, int64_t t) {                 \
+    for (int64_t i = s; i < t; ++i) {                                                             \
+      float x = m[i];                                                                             \
+      if (use_div) x = x / div;                                                                   \
+      if (use_lam) x = x * lam;                                                                   \
+      out[i] = b[i] + x;                                                                          \
+    }                                                                                             \
+  }
+TM_TARGET_CLONES(__attribute__((target("avx512f,avx512bw,avx512vl"))), avx512)
+TM_TARGET_CLONES(__attribute__((target("avx2"))), avx2)
+TM_TARGET_CLONES(, scalar)
+#undef TM_TARGET_CLONES
+
+constexpr int64_t kGrain = 1 << 16;
+
+template <typename E, typename B>
+void delta_typed(float* out, const E* e, const B* b, int64_t n) {
+  const Isa isa = active_isa();
+  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
+    if (isa == Isa::Avx512) delta_loop_avx512(out, e, b, s, t);
+    else if (isa == Isa::Avx2) delta_loop_avx2(out, e, b, s, t);
+    else delta_loop_scalar(out, e, b, s, t);
+  });
+}
+
+template <typename E, typename B>
+void axpy_typed(float* acc, const E* e, const B* b, float w, int64_t n) {
+  const Isa isa = active_isa();
+  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
+    if (isa == Isa::Avx512) axpy_loop_avx512(acc, e, b, w, s, t);
+    else if (isa == Isa::Avx2) axpy_loop_avx2(acc, e, b, w, s, t);
+    else axpy_loop_scalar(acc, e, b, w, s, t);
+  });
+}
+
+void check_inputs(const at::Tensor& e, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(e.sizes() == b.sizes(), op, ": expert shape ", e.sizes(), " != base shape ", b.sizes());
+  auto ok = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  };
+  TORCH_CHECK(ok(e.scalar_type()) && ok(b.scalar_type()), op,
+              ": expert and base must be float32, bfloat16 or float16");
+}
+
+// Dispatch over the (expert dtype, base dtype) pairs.
+template <typename F>
+void dispatch_pair(const at::Tensor& e, const at::Tensor& b, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, e.scalar_type(), "merge_e", [&] {
+    using E = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "merge_b", [&] {
+      using B = scalar_t;
+      if constexpr (std::is_same_v<E, double> || std::is_same_v<B, double>) {
+        TORCH_CHECK(false, "float64 inputs are not supported by the fused merge kernels");
+      } else {
+        f(e.const_data_ptr<E>(), b.const_data_ptr<B>());
+      }
+    });
+  });
+}
+
+template <typename E, typename B>
+void scaled_typed(float* out, const E* e, const B* b, float w, int64_t n) {
+  const Isa isa = active_isa();
+  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
+    if (isa == Isa::Avx512) scaled_loop_avx512(out, e, b, w, s, t);
+    else if (isa == Isa::Avx2) scaled_loop_avx2(out, e, b, w, s, t);
+    else scaled_loop_scalar(out, e, b, w, s, t);
+  });
+}
+
+at::Tensor merge_scaled_delta(const at::Tensor& expert, const at::Tensor& base, double weight) {
+  check_inputs(expert, base, "merge_scaled_delta");
+  auto e = expert.contiguous();
+  auto b = base.contiguous();
+  auto out = at::empty(e.sizes(), e.options().dtype(at::kFloat));
+  const float w = static_cast<float>(weight);
+  dispatch_pair(e, b, [&](auto* ep, auto* bp) { scaled_typed(out.data_ptr<float>(), ep, bp, w, e.numel()); });
+  return out;
+}
+
+// out = base + ((mixed / divisor) * lambda), each step optional and rounded to fp32, in one pass.
+at::Tensor merge_finish(const at::Tensor& base, const at::Tensor& mixed, std::optional<double> divisor,
+                        std::optional<double> lam) {
+  TORCH_CHECK(base.scalar_type() == at::kFloat && mixed.scalar_type() == at::kFloat && base.sizes() == mixed.sizes(),
+              "merge_finish: base and mixed must be float32 tensors of one shape");
+  auto b = base.contiguous();
+  auto m = mixed.contiguous();
+  auto out = at::empty_like(b);
+  const float div = divisor ? static_cast<float>(*divisor) : 1.0f;
+  const float l = lam ? static_cast<float>(*lam) : 1.0f;
+  const bool use_div = divisor.has_value(), use_lam = lam.has_value();
+  const Isa isa = active_isa();
+  float* o = out.data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  const float* mp = m.const_data_ptr<float>();
+  at::parallel_for(0, b.numel(), kGrain, [&](int64_t s, int64_t t) {
+    if (isa == Isa::Avx512) finish_loop_avx512(o, bp, mp, div, use_div, l, use_lam, s, t);
+    else if (isa == Isa::Avx2) finish_loop_avx2(o, bp, mp, div, use_div, l, use_lam, s, t);
+    else finish_loop_scalar(o, bp, mp, div, use_div, l, use_lam, s, t);
+  });
+  return out;
+}
+
+at::Tensor merge_delta(const at::Tensor& expert, const at::Tensor& base) {
+  check_inputs(expert, base, "merge_delta");
+  auto e = expert.contiguous();
+  auto b = base.contiguous();
+  auto out = at::empty(e.sizes(), e.options().dtype(at::kFloat));
+  dispatch_pair(e, b, [&](auto* ep, auto* bp) { delta_typed(out.data_ptr<float>(), ep, bp, e.numel()); });
+  return out;
+}
+
+void merge_axpy_delta_(at::Tensor& acc, const at::Tensor& expert, const at::Tensor& base, double weight) {
+  check_inputs(expert, base, "merge_axpy_delta_");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.sizes() == expert.sizes(),
+              "merge_axpy_delta_: acc must be a contiguous float32 tensor of the expert's shape");
+  auto e = expert.contiguous();
+  auto b = base.contiguous();
+  const float w = static_cast<float>(weight);
+  dispatch_pair(e, b, [&](auto* ep, auto* bp) { axpy_typed(acc.data_ptr<float>(), ep, bp, w, e.numel()); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
+  m.impl("merge_delta", &merge_delta);
+  m.impl("merge_axpy_delta_", &merge_axpy_delta_);
+  m.impl("merge_scaled_delta", &merge_scaled_delta);
+  m.impl("merge_finish", &merge_finish);
+}
+
+}  // namespace torchmerge

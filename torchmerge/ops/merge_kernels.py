@@ -1,0 +1,108 @@
+"""Fused elementwise kernels for streaming merges.
+
+Task arithmetic and TIES spend most of their time turning bf16 experts into fp32 deltas and
+accumulating them; done as separate torch ops that is three or four passes over memory and a
+temporary per step. These ops do it in one pass with the same fp32 roundings, so a merge that
+uses them is bit-identical to one that doesn't (and to mergekit 0.1.5).
+
+    merge_delta(e, b)              = fp32(e) − fp32(b)
+    merge_axpy_delta_(acc, e, b, w): acc ← acc + (fp32(e) − fp32(b)) · fp32(w)
+                                     (three fp32 roundings: subtract, multiply, add; no FMA)
+    merge_scaled_delta(e, b, w)    = 0 + (fp32(e) − fp32(b)) · fp32(w)   (a fresh accumulator)
+    merge_finish(b, m, div, lam)   = b + ((m / div) · lam), the division and product only when given
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loader import define_op
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(expert: torch.Tensor, base: torch.Tensor, op: str) -> None:
+    if expert.dtype not in _FLOATS or base.dtype not in _FLOATS:
+        raise ValueError(f"{op}: expert ({expert.dtype}) and base ({base.dtype}) must be float32, bfloat16 or float16")
+    if expert.shape != base.shape:
+        raise ValueError(f"{op}: expert shape {list(expert.shape)} must equal base shape {list(base.shape)}")
+
+
+def merge_delta_reference(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    _check(expert, base, "merge_delta")
+    return expert.float() - base.float()
+
+
+def merge_axpy_delta_reference(acc: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, weight: float) -> None:
+    _check(expert, base, "merge_axpy_delta_")
+    if acc.dtype != torch.float32 or acc.shape != expert.shape:
+        raise ValueError(f"merge_axpy_delta_: acc must be float32 of shape {list(expert.shape)}, "
+                         f"got {acc.dtype} {list(acc.shape)}")
+    acc.add_((expert.float() - base.float()) * torch.tensor(weight, dtype=torch.float32))
+
+
+def merge_scaled_delta_reference(expert: torch.Tensor, base: torch.Tensor, weight: float) -> torch.Tensor:
+    _check(expert, base, "merge_scaled_delta")
+    return torch.zeros(expert.shape) + (expert.float() - base.float()) * torch.tensor(weight, dtype=torch.float32)
+
+
+def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None) -> torch.Tensor:
+    if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
+        raise ValueError("merge_finish: base and mixed must be float32 tensors of one shape")
+    m = mixed.clone()
+    if divisor is not None:
+        m /= torch.tensor(divisor, dtype=torch.float32)
+    if lam is not None:
+        m *= torch.tensor(lam, dtype=torch.float32)
+    return base + m
+
+
+def _finish_fake(base, mixed, divisor, lam) -> torch.Tensor:
+    return torch.empty_like(base)
+
+
+def _scaled_fake(expert, base, weight) -> torch.Tensor:
+    return expert.new_empty(expert.shape, dtype=torch.float32)
+
+
+def _delta_fake(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return expert.new_empty(expert.shape, dtype=torch.float32)
+
+
+def _axpy_fake(acc, expert, base, weight) -> None:
+    return None
+
+
+define_op("merge_delta", "(Tensor expert, Tensor base) -> Tensor",
+          reference=merge_delta_reference, fake=_delta_fake)
+define_op("merge_scaled_delta", "(Tensor expert, Tensor base, float weight) -> Tensor",
+          reference=merge_scaled_delta_reference, fake=_scaled_fake)
+define_op("merge_finish", "(Tensor base, Tensor mixed, float? divisor, float? lam) -> Tensor",
+          reference=merge_finish_reference, fake=_finish_fake)
+define_op("merge_axpy_delta_", "(Tensor(a!) acc, Tensor expert, Tensor base, float weight) -> ()",
+          reference=merge_axpy_delta_reference, fake=_axpy_fake)
+
+
+def merge_delta(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    _check(expert, base, "merge_delta")
+    return torch.ops.torchmerge.merge_delta(expert, base)
+
+
+def merge_axpy_delta_(acc: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, weight: float) -> torch.Tensor:
+    _check(expert, base, "merge_axpy_delta_")
+    if acc.dtype != torch.float32 or acc.shape != expert.shape or not acc.is_contiguous():
+        raise ValueError(f"merge_axpy_delta_: acc must be a contiguous float32 tensor of shape {list(expert.shape)}")
+    torch.ops.torchmerge.merge_axpy_delta_(acc, expert, base, float(weight))
+    return acc
+
+
+def merge_scaled_delta(expert: torch.Tensor, base: torch.Tensor, weight: float) -> torch.Tensor:
+    _check(expert, base, "merge_scaled_delta")
+    return torch.ops.torchmerge.merge_scaled_delta(expert, base, float(weight))
+
+
+def merge_finish(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None) -> torch.Tensor:
+    if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
+        raise ValueError(f"merge_finish: base and mixed must be float32 tensors of one shape, got "
+                         f"{base.dtype}{list(base.shape)} and {mixed.dtype}{list(mixed.shape)}")
+    return torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam)
