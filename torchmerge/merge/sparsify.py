@@ -18,20 +18,25 @@ by its keep probability (1/(1 − p) of the DARE paper, 1/p_r of the DELLA paper
 Ties at the selection boundary: mergekit keeps the elements that ``torch.argsort`` (an unstable
 introsort on CPU) puts first. ``tie_break="sort"`` reproduces that set exactly: a linear-time
 selection (``kthvalue``) decides every element whose magnitude differs from the boundary value, and
-only when equal magnitudes straddle the boundary is the same argsort called. ``tie_break="index"``
-keeps the lowest flat indices among equal magnitudes (selection only, no sort).
+only when equal magnitudes straddle the boundary (or NaN is present) is the set taken from
+``torchmerge::topk_mask_like_sort``, which replays that introsort only along the path holding rank k
+(expected O(n)). With the native kernel built that op is cheaper than the selection itself, so it is
+called directly. ``tie_break="index"`` keeps the lowest flat indices among equal magnitudes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..ops import native_available
+from ..ops.topk_mask import topk_mask_like_sort
 from .base import MergeError
 
 SPARSIFY_METHODS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 RESCALE_MODES = ("l1", "inverse_density")
 TIE_BREAKS = ("sort", "index")
 _NORM_EPS = 1e-7
+_EXACT_F32 = (torch.float32, torch.bfloat16, torch.float16)  # dtypes whose float32 upcast keeps argsort's order
 
 
 def _first_smallest(a: torch.Tensor, count: int, tie_break: str) -> torch.Tensor:
@@ -54,6 +59,15 @@ def _first_smallest(a: torch.Tensor, count: int, tie_break: str) -> torch.Tensor
     return below | (equal & (torch.cumsum(equal, 0, dtype=torch.int64) <= need))
 
 
+def _argsort_prefix_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of ``argsort(a, descending=True)[:k]``; dtypes that upcast to float32 exactly use the O(n) op."""
+    if a.dtype in _EXACT_F32:
+        return topk_mask_like_sort(a.to(torch.float32).contiguous(), k)
+    mask = torch.zeros(a.numel(), dtype=torch.bool)
+    mask[torch.argsort(a, descending=True)[:k]] = True
+    return mask
+
+
 def top_k_mask(a: torch.Tensor, k: int, tie_break: str = "sort") -> torch.Tensor:
     """Mask of the k largest elements of 1-D ``a``, the set ``argsort(a, descending=True)[:k]`` keeps."""
     n = a.numel()
@@ -61,16 +75,18 @@ def top_k_mask(a: torch.Tensor, k: int, tie_break: str = "sort") -> torch.Tensor
         return torch.ones(n, dtype=torch.bool)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
+    if tie_break == "sort" and native_available() and a.dtype in _EXACT_F32:
+        return topk_mask_like_sort(a.to(torch.float32).contiguous(), k)  # one O(n) pass beats kthvalue alone
+    if bool(torch.isnan(a).any()):  # argsort puts NaN first; the '>'/'==' tests below cannot see NaN
+        return _argsort_prefix_mask(a, k)
     thr = torch.kthvalue(a, n - k + 1).values
     above = a > thr
     equal = a == thr
     need = k - int(above.sum())
     if need == int(equal.sum()):
         return above | equal
-    if tie_break == "sort" or bool(torch.isnan(a).any()):
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.argsort(a, descending=True)[:k]] = True
-        return mask
+    if tie_break == "sort":
+        return _argsort_prefix_mask(a, k)
     return above | (equal & (torch.cumsum(equal, 0, dtype=torch.int64) <= need))
 
 
