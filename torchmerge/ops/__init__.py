@@ -14,7 +14,6 @@ from __future__ import annotations
 from . import _loader
 from . import intlinear, intnonlinear, quant  # noqa: F401  (define the integer-only family)
 from . import topk_mask  # noqa: F401  (argsort-exact top-k mask for TIES trimming)
-from . import topk_mask  # noqa: F401  (argsort-exact top-k mask for TIES trimming)
 from . import lmul, lut  # noqa: F401  (L-Mul and T-MAC LUT families)
 from . import merge_kernels  # noqa: F401  (fused delta / accumulate for streaming merges)
 
