@@ -117,13 +117,18 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Lay out integer codes q [N, K] (0 ≤ q < 2^bits) as ``qweight`` uint8 [NB, K/8, bits, 64]."""
     n, k = q.shape
     nb = -(-n // ROWS_PER_BLOCK)
-    qp = torch.zeros(nb * ROWS_PER_BLOCK, k, dtype=torch.int64)
-    qp[:n] = q
-    planes = torch.stack([(qp >> i) & 1 for i in range(bits)])  # [b, Npad, K]
-    shifts = torch.arange(8)
-    bytes_ = (planes.reshape(bits, nb * ROWS_PER_BLOCK, k // 8, 8) << shifts).sum(-1)  # [b, Npad, KC]
-    bytes_ = bytes_.reshape(bits, nb, ROWS_PER_BLOCK, k // 8).permute(1, 3, 0, 2)  # [NB, KC, b, rows]
-    return bytes_[..., row_of_position()].to(torch.uint8).contiguous()
+    out = torch.empty(nb, k // 8, bits, ROWS_PER_BLOCK, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.int32)
+    for b0 in range(0, nb, 16):  # 1024 rows at a time bound the int32 temporaries
+        b1 = min(nb, b0 + 16)
+        qp = torch.zeros((b1 - b0) * ROWS_PER_BLOCK, k, dtype=torch.int32)
+        rows = q[b0 * ROWS_PER_BLOCK : b1 * ROWS_PER_BLOCK]
+        qp[: rows.shape[0]] = rows
+        planes = torch.stack([(qp >> i) & 1 for i in range(bits)])  # [b, rows, K]
+        bytes_ = (planes.reshape(bits, -1, k // 8, 8) << shifts).sum(-1)  # [b, rows, KC]
+        bytes_ = bytes_.reshape(bits, b1 - b0, ROWS_PER_BLOCK, k // 8).permute(1, 3, 0, 2)  # [NB, KC, b, rows]
+        out[b0:b1] = bytes_[..., row_of_position()].to(torch.uint8)
+    return out
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
