@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import torchmerge.ops as ops
-from torchmerge.ops import intlinear, quant
+from torchmerge.ops import intlinear, lmul, lut, quant
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,71 @@ def int8_section(cfg: BenchConfig) -> list[Row]:
     return rows
 
 
-SECTIONS: list[Callable[[BenchConfig], list[Row]]] = [int8_section]
+def lmul_section(cfg: BenchConfig) -> list[Row]:
+    """lmul_matmul (L-Mul products, sequential fp32 sum over k) vs fp32 F.linear at M=256, K=N=1024.
+
+    Target: at least 0.3x F.linear's speed. [zeros] prunes 30 % of b: the masked kernel path.
+    """
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 256, 1024, 1024
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    b_pruned = b * (torch.rand(k, n, generator=g) > 0.3)
+    w = b.t().contiguous()
+    fns = {
+        "fp32": lambda: F.linear(a, w),
+        "m23": lambda: lmul.lmul_matmul(a, b, 23),
+        "m4": lambda: lmul.lmul_matmul(a, b, 4, 3),
+        "zeros": lambda: lmul.lmul_matmul(a, b_pruned, 23),
+    }
+    t = median_seconds(fns, cfg)
+    shape = f"M={m} K={k} N={n}"
+    label = "" if ops.native_available() else " [reference, no _C.so]"
+    rows = [Row("lmul", f"F.linear fp32 {shape}", t["fp32"])]
+    for key, name in (("m23", "m=23 l=4"), ("m4", "m=4 l=3"), ("zeros", "m=23, 30% zeros in b")):
+        rows.append(Row("lmul", f"lmul_matmul {name}{label}", t[key], "F.linear fp32", t["fp32"] / t[key]))
+    return rows
+
+
+def lut_section(cfg: BenchConfig) -> list[Row]:
+    """T-MAC lut_linear (group 32, symmetric, fp16 scales) vs torch._weight_int4pack_mm_for_cpu
+    (group 32, bf16 activations) and fp32 F.linear, same shapes and run.
+
+    Targets at M=1: 4-bit >= 1.5x and 2-bit >= 2.5x int4pack, both >= 4x F.linear. [int8 tab] quantises the
+    tables (T-MAC's fast mode); [fp32 tab] is exact up to summation order. GB/s counts packed weights + scales.
+    """
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((4096, 4096), (14336, 4096)):
+        w = torch.randn(n, k, generator=g) * 0.02
+        int4 = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1)
+        scales_zeros = (torch.rand(k // 32, n, 2, generator=g) * 0.01).to(torch.bfloat16)
+        packed = {b: lut.pack_lut_weights(w, b, 32, symmetric=True, scale_dtype=torch.float16) for b in (4, 2)}
+        for m in (1, 32):
+            x = torch.randn(m, k, generator=g)
+            xb = x.to(torch.bfloat16)
+            fns = {
+                "fp32": lambda: F.linear(x, w),
+                "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(xb, int4, 32, scales_zeros),
+            }
+            for b, p in packed.items():
+                for tab in ("int8", "fp32"):
+                    fns[f"b{b} {tab}"] = (lambda p=p, b=b, i8=tab == "int8": lut.lut_linear(x, p, b, 32, int8_tables=i8))
+            t = median_seconds(fns, cfg)
+            shape = f"M={m} K={k} N={n}"
+            rows.append(Row("lut", f"F.linear fp32 {shape}", t["fp32"], note=_gb_per_s(4 * n * k, t["fp32"])))
+            rows.append(Row("lut", f"int4pack_mm bf16 g32 {shape}", t["int4pack"], "F.linear fp32",
+                            t["fp32"] / t["int4pack"], _gb_per_s(n * k // 2 + scales_zeros.numel() * 2, t["int4pack"])))
+            for b, p in packed.items():
+                nbytes = p.qweight.numel() + p.scales.numel() * p.scales.element_size()
+                for tab in ("int8", "fp32"):
+                    key = f"b{b} {tab}"
+                    note = f"{t['fp32'] / t[key]:.2f}x F.linear; " + _gb_per_s(nbytes, t[key])
+                    rows.append(Row("lut", f"lut_linear {b}-bit [{tab} tab] {shape}", t[key], "int4pack",
+                                    t["int4pack"] / t[key], note))
+    return rows
+
+
+SECTIONS: list[Callable[[BenchConfig], list[Row]]] = [int8_section, lmul_section, lut_section]
 
 
 def main(argv: list[str] | None = None) -> None:
