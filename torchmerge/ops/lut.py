@@ -121,21 +121,32 @@ def lut_linear_reference(x, qweight, scales, zeros, out_features, bits, group_si
         lut = tq.reshape(m, (k // 4) * 16)
     else:
         lut = tables.reshape(m, (k // 4) * 16)
-    q = unpack_codes(qweight, bits, n)  # [N, K]
-    qt = q.reshape(n, k // 4, 4)
-    offsets = torch.arange(k // 4) * 16
-    p = None
-    for i in range(bits):
-        idx = (((qt >> i) & 1) << torch.arange(4)).sum(-1) + offsets  # [N, K/4]
-        looked = lut[:, idx.reshape(-1)].reshape(m, n, ng, per_group).sum(-1)  # [M, N, K/G]
-        p = looked * 2**i if p is None else p + looked * 2**i
-    p = p.to(torch.float32)
-    if int8_tables:
-        p = p * ts[:, None, :]
     sx = x2.reshape(m, ng, group_size).sum(-1)  # [M, K/G]
-    z = from_blocks(zeros, n).float() if zeros is not None else torch.full((n, ng), symmetric_zero(bits))
-    c = (2**bits - 1) / 2 - z  # [N, K/G]
-    y = (from_blocks(scales, n).float()[None] * (0.5 * p + c[None] * sx[:, None, :])).sum(-1)
+    # the gathered lookups are [M, bits, rows, K/4]: a few row blocks at a time bound the memory
+    nb_total = qweight.shape[0]
+    step = max(1, 2**24 // max(1, m * bits * ROWS_PER_BLOCK * (k // 4)))
+    ys = []
+    for nb0 in range(0, nb_total, step):
+        nb1 = min(nb_total, nb0 + step)
+        rows = min(n, nb1 * ROWS_PER_BLOCK) - nb0 * ROWS_PER_BLOCK
+        qt = unpack_codes(qweight[nb0:nb1], bits, rows).reshape(rows, k // 4, 4)
+        offsets = torch.arange(k // 4) * 16
+        p = None
+        for i in range(bits):
+            idx = (((qt >> i) & 1) << torch.arange(4)).sum(-1) + offsets  # [rows, K/4]
+            looked = lut[:, idx.reshape(-1)].reshape(m, rows, ng, per_group).sum(-1)  # [M, rows, K/G]
+            p = looked * 2**i if p is None else p + looked * 2**i
+        p = p.to(torch.float32)
+        if int8_tables:
+            p = p * ts[:, None, :]
+        s_rows = from_blocks(scales[nb0:nb1], rows).float()
+        if zeros is not None:
+            z = from_blocks(zeros[nb0:nb1], rows).float()
+        else:
+            z = torch.full((rows, ng), symmetric_zero(bits))
+        c = (2**bits - 1) / 2 - z  # [rows, K/G]
+        ys.append((s_rows[None] * (0.5 * p + c[None] * sx[:, None, :])).sum(-1))
+    y = torch.cat(ys, dim=1) if ys else x2.new_zeros(m, n)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
