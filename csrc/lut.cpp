@@ -8,6 +8,9 @@
 
 #include <immintrin.h>
 
+// GCC 12 false positive inside avx512fintrin.h (_mm512_undefined_* operands of masked intrinsics)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
