@@ -9,7 +9,9 @@ Op (namespace ``torchmerge``; kernels in csrc/lut.cpp):
              int group_size, bool int8_tables=False, Tensor? bias=None) -> Tensor
 
 x [..., K] (float32 / bfloat16 / float16, computed in float32) → y [..., N] in x's dtype, where
-y ≈ x @ dequantize_lut_weights(...).T + bias.
+y ≈ x @ dequantize_lut_weights(*packed, bits, group_size).T + bias. scales/zeros are float32 or
+float16 (``pack_lut_weights(..., scale_dtype=)``). Python API:
+``lut_linear(x, pack_lut_weights(w, bits, group_size, symmetric), bits, group_size, int8_tables=, bias=)``.
 
 Exact math (``lut_linear_reference`` defines it; rows m of x, G = group_size, g a group of G inputs):
 
