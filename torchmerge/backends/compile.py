@@ -25,6 +25,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..graph.pass_base import GraphPass
 from ..graph.pipeline import PassPipeline, PipelineOptions
 from ..passes import DeadCodeElimination, FoldBatchNorm, FoldConstants, FoldLoRA, FoldMergedWeights
+from ..passes.calibrate import Calibrate, graph_args
+from ..passes.lower_int8 import LowerInt8
 from ..passes.lowering import lowering_passes
 from ..precision.plan import PrecisionPlan
 
@@ -43,6 +45,7 @@ class CompileOptions:
     passes: tuple[GraphPass, ...] | None = None
     inner: str = "inductor"
     dump_dir: str | Path | None = None
+    calibration: tuple | None = None  # int8: batches (tuples of the model's tensor inputs); default: the call's inputs
 
     def __post_init__(self):
         if self.inner not in INNER:
@@ -62,19 +65,24 @@ class CompileOptions:
             raise BackendOptionError(f"torchmerge backend: unknown option '{unknown[0]}'; valid: {', '.join(valid)}")
         if merged.get("passes") is not None:
             merged["passes"] = tuple(merged["passes"])
+        if merged.get("calibration") is not None:
+            merged["calibration"] = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in merged["calibration"])
         return cls(**merged)
 
 
-def default_passes(plan: PrecisionPlan | None = None) -> list[GraphPass]:
-    """Fold merges, adapters, batch norms and weight-only subgraphs; lower per plan; fold casts; clean up."""
+def default_passes(plan: PrecisionPlan | None = None, calibration: tuple | None = None) -> list[GraphPass]:
+    """Fold merges, adapters, batch norms and weight-only subgraphs; calibrate (int8); lower per plan; fold casts;
+    clean up. `calibration`: batches of graph inputs (placeholder order) for the Calibrate pass."""
     lowerings = lowering_passes(plan)
+    if calibration and any(isinstance(p, LowerInt8) for p in lowerings):
+        lowerings = [Calibrate(tuple(calibration)), *lowerings]
     tail = [FoldConstants()] if lowerings else []
     return [FoldMergedWeights(), FoldLoRA(), FoldBatchNorm(), FoldConstants(), *lowerings, *tail,
             DeadCodeElimination()]
 
 
-def build_pipeline(options: CompileOptions) -> PassPipeline:
-    passes = list(options.passes) if options.passes is not None else default_passes(options.plan)
+def build_pipeline(options: CompileOptions, calibration: tuple | None = None) -> PassPipeline:
+    passes = list(options.passes) if options.passes is not None else default_passes(options.plan, calibration)
     return PassPipeline(passes, PipelineOptions(dump_dir=options.dump_dir))
 
 
@@ -113,9 +121,14 @@ def torchmerge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], option
                 keep = list(range(len(fw_inputs)))
             if opts.plan is not None:
                 opts.plan.validate(fw_gm)  # a PlanError here names the key; inside a pass it would not
-            out = pipeline(fw_gm).gm
+            pipe = pipeline
+            if _needs_calibration(opts):  # int8: activation ranges from the user's batches or this call's inputs
+                batches = tuple(graph_args(fw_gm, b) for b in opts.calibration) if opts.calibration else \
+                    (tuple(int(real[i]) if isinstance(real[i], torch.SymInt) else real[i] for i in keep),)
+                pipe = build_pipeline(opts, batches)
+            out = pipe(fw_gm).gm
         kept_inputs = [fw_inputs[i] for i in keep]
-        compiled = _compile_inner(out, kept_inputs, opts.inner, pipeline.uuid())
+        compiled = _compile_inner(out, kept_inputs, opts.inner, pipe.uuid())
 
         def run(args: list):
             new_args = [args[i] for i in keep]
@@ -127,6 +140,10 @@ def torchmerge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], option
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler,
                                  decompositions=core_aten_decompositions())
+
+
+def _needs_calibration(opts: CompileOptions) -> bool:
+    return opts.passes is None and opts.plan is not None and any(p.kind == "int8" for p in opts.plan.entries.values())
 
 
 def _freeze_params(fw_gm: fx.GraphModule, real: list, meta) -> list[int] | None:

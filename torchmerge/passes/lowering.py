@@ -10,6 +10,7 @@ from typing import Callable
 from ..graph.pass_base import GraphPass
 from ..precision.plan import PlanError, PrecisionPlan
 from .lower_bf16 import LowerBF16
+from .lower_int8 import LowerInt8
 from .lower_lmul import LowerLMul
 from .lower_lut import LowerLUT
 
@@ -17,6 +18,7 @@ LOWERINGS: dict[str, Callable[[PrecisionPlan], GraphPass]] = {
     "bf16": LowerBF16,
     "lmul": LowerLMul,
     "lut": LowerLUT,
+    "int8": LowerInt8,  # reads activation ranges recorded by passes.calibrate.Calibrate
 }
 
 
