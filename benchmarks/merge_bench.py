@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=3, help="family size; torchmerge RSS is compared at this vs 2 experts")
     ap.add_argument("--compare-experts", type=int, default=3, help="experts in the torchmerge-vs-mergekit runs")
     ap.add_argument("--methods", default="ties,task_arithmetic", help="comma list of ties, task_arithmetic, linear")
+    ap.add_argument("--scaling-method", default="ties", help="method of the 2-vs-N-experts RSS runs (torchmerge only)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method; the median is reported")
     ap.add_argument("--small", action="store_true", help="tiny model, to smoke-test the harness")
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs in WORKDIR/out")
@@ -254,10 +255,11 @@ def main() -> None:
         rows.append((method, med))
         if all((outdir / f"{method}-{t}").exists() for t in res):
             diffs.append((method, *max_abs_diff(outdir / f"{method}-torchmerge", outdir / f"{method}-mergekit")))
+            print(f"  {method:16s} max |torchmerge - mergekit| = {diffs[-1][1]:.3g}", flush=True)
     scaling = []
     if a.experts > 2:
         for n in (2, a.experts):
-            cfg = write_yaml(cfgdir / f"ties-{n}.yml", "ties", base, experts[:n])
+            cfg = write_yaml(cfgdir / f"{a.scaling_method}-{n}.yml", a.scaling_method, base, experts[:n])
             runs = [run_tool("torchmerge", cfg, outdir / f"scale-{n}", env) for _ in range(a.repeat)]
             ok = [(w, m) for w, m, rc in runs if rc == 0] or [(float("nan"), float("nan"))]
             scaling.append((n, statistics.median(w for w, _ in ok), statistics.median(m for _, m in ok)))
@@ -268,6 +270,8 @@ def main() -> None:
     gib = 2**30
     print(f"\n=== torchmerge vs mergekit 0.1.5: base + {a.compare_experts} experts, {n_params / 1e9:.2f}B params, "
           f"median of {a.repeat} ===")
+    if not rows:
+        print("(no comparison runs)")
     print(f"{'method':16s} {'tm time':>9s} {'mk time':>9s} {'speed-up':>9s} {'tm RSS':>9s} {'mk RSS':>9s} {'RSS tm/mk':>9s}  target")
     targets = {"ties": 5.0, "task_arithmetic": 2.0}
     for method, med in rows:
@@ -279,7 +283,7 @@ def main() -> None:
         print(f"agreement {method:16s} max |torchmerge - mergekit| over {count} tensors: {worst:.3g}  (worst: {where})")
     if len(scaling) == 2:
         (n2, w2, r2), (nn, wn, rn) = scaling
-        print(f"torchmerge ties peak RSS: {n2} experts {r2 / gib:.2f} GiB ({w2:.1f} s), {nn} experts {rn / gib:.2f} GiB "
+        print(f"torchmerge {a.scaling_method} peak RSS: {n2} experts {r2 / gib:.2f} GiB ({w2:.1f} s), {nn} experts {rn / gib:.2f} GiB "
               f"({wn:.1f} s); ratio {rn / r2:.2f} (target <= 1.2)")
 
 
