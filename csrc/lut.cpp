@@ -142,36 +142,48 @@ TM_AVX512 inline void combine512(const Problem& p, int64_t nb, int64_t m, int64_
   }
 }
 
-TM_AVX512 void block_int8_512(const Problem& p, int64_t nb, int64_t m, float* y) {
+// MT activation rows per pass share each weight line (loaded and split into nibbles once).
+template <int MT>
+TM_AVX512 void block_int8_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
-  const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
+  const int8_t* T[MT];
+  for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
   const int64_t cpg = p.G / 8;
   const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < p.ng; ++g) {
-    __m512i a32[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i a32[MT][4];
+    for (int r = 0; r < MT; ++r)
+      for (int q = 0; q < 4; ++q) a32[r][q] = _mm512_setzero_si512();
     for (int64_t c0 = g * cpg; c0 < (g + 1) * cpg; c0 += 8) {  // int16 holds 8 chunks: 8·254·15 < 2^15
-      __m512i A = _mm512_setzero_si512(), B = _mm512_setzero_si512();
+      __m512i A[MT], B[MT];
+      for (int r = 0; r < MT; ++r) A[r] = B[r] = _mm512_setzero_si512();
       for (int64_t c = c0; c < std::min(c0 + 8, (g + 1) * cpg); ++c) {
-        const __m512i TA = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
-        const __m512i TB = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
         for (int i = 0; i < p.bits; ++i) {
           _mm_prefetch((const char*)(qb + ((c + kAhead) * p.bits + i) * RB), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(qb + (c * p.bits + i) * RB);
-          const __m512i L0 = _mm512_shuffle_epi8(TA, _mm512_and_si512(v, nib));
-          const __m512i L1 = _mm512_shuffle_epi8(TB, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+          const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
           const __m512i w = _mm512_set1_epi8(char(1 << i));
-          A = _mm512_add_epi16(A, _mm512_maddubs_epi16(w, _mm512_unpacklo_epi8(L0, L1)));
-          B = _mm512_add_epi16(B, _mm512_maddubs_epi16(w, _mm512_unpackhi_epi8(L0, L1)));
+          for (int r = 0; r < MT; ++r) {
+            const __m512i TA = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
+            const __m512i TB = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + (2 * c + 1) * 16)));
+            const __m512i L0 = _mm512_shuffle_epi8(TA, lo), L1 = _mm512_shuffle_epi8(TB, hi);
+            A[r] = _mm512_add_epi16(A[r], _mm512_maddubs_epi16(w, _mm512_unpacklo_epi8(L0, L1)));
+            B[r] = _mm512_add_epi16(B[r], _mm512_maddubs_epi16(w, _mm512_unpackhi_epi8(L0, L1)));
+          }
         }
       }
-      a32[0] = _mm512_add_epi32(a32[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(A)));
-      a32[1] = _mm512_add_epi32(a32[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(A, 1)));
-      a32[2] = _mm512_add_epi32(a32[2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(B)));
-      a32[3] = _mm512_add_epi32(a32[3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(B, 1)));
+      for (int r = 0; r < MT; ++r) {
+        a32[r][0] = _mm512_add_epi32(a32[r][0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(A[r])));
+        a32[r][1] = _mm512_add_epi32(a32[r][1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(A[r], 1)));
+        a32[r][2] = _mm512_add_epi32(a32[r][2], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(B[r])));
+        a32[r][3] = _mm512_add_epi32(a32[r][3], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(B[r], 1)));
+      }
     }
-    __m512 P[4];
-    for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(a32[q]);
-    combine512(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
+    for (int r = 0; r < MT; ++r) {
+      __m512 P[4];
+      for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(a32[r][q]);
+      combine512(p, nb, m0 + r, g, P, 0.5f * p.ts[(m0 + r) * p.ng + g], y + r * RB);
+    }
   }
 }
 
@@ -334,18 +346,26 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   const float* pb = bias ? bias_c.data_ptr<float>() : nullptr;
   const Isa isa = active_isa();
+  // A kernel handles `mt` consecutive activation rows (the AVX-512 int8 one up to 4, the others 1).
   using BlockFn = void (*)(const Problem&, int64_t, int64_t, float*);
-  BlockFn fn = isa == Isa::Avx512 ? (p.int8 ? block_int8_512 : block_f32_512)
-             : isa == Isa::Avx2   ? (p.int8 ? block_int8_256 : block_f32_256)
-                                  : block_scalar;
+  const bool tiled = isa == Isa::Avx512 && p.int8;
+  BlockFn one = isa == Isa::Avx512 ? (p.int8 ? block_int8_512<1> : block_f32_512)
+              : isa == Isa::Avx2   ? (p.int8 ? block_int8_256 : block_f32_256)
+                                   : block_scalar;
+  constexpr int64_t MT = 4;
   at::parallel_for(0, p.NB, 1, [&](int64_t b, int64_t e) {
-    alignas(64) float y[RB];
+    alignas(64) float y[MT * RB];
     for (int64_t nb = b; nb < e; ++nb)
-      for (int64_t m = 0; m < p.M; ++m) {
-        std::fill(y, y + RB, 0.f);
-        fn(p, nb, m, y);
+      for (int64_t m0 = 0; m0 < p.M; m0 += tiled ? MT : 1) {
+        const int64_t mt = tiled ? std::min(MT, p.M - m0) : 1;
+        std::fill(y, y + mt * RB, 0.f);
+        BlockFn fn = !tiled ? one : mt == 4 ? block_int8_512<4> : mt == 3 ? block_int8_512<3>
+                   : mt == 2 ? block_int8_512<2> : block_int8_512<1>;
+        fn(p, nb, m0, y);
         const int64_t rows = std::min(RB, p.N - nb * RB);
-        for (int64_t r = 0; r < rows; ++r) po[m * p.N + nb * RB + r] = pb ? y[r] + pb[nb * RB + r] : y[r];
+        for (int64_t r = 0; r < mt; ++r)
+          for (int64_t j = 0; j < rows; ++j)
+            po[(m0 + r) * p.N + nb * RB + j] = pb ? y[r * RB + j] + pb[nb * RB + j] : y[r * RB + j];
       }
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
