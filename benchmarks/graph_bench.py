@@ -88,12 +88,25 @@ def ort_int8(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], workdir: 
     return lambda: torch.from_numpy(session.run(None, feed)[0])
 
 
+def make_plan(name: str | None):
+    """Named plans of the issue: int8 (integer-only everywhere it applies), lut4 (4-bit T-MAC, group 32, on
+    linear layers), lmul_attn (L-Mul m=4 on attention's Q·Kᵀ and P·V); None: no plan (passes only)."""
+    from torchmerge.precision.plan import PrecisionPlan
+
+    plans = {"int8": lambda: PrecisionPlan({"*": "int8"}),
+             "lut4": lambda: PrecisionPlan({"@linear": "lut(bits=4,group=32)"}),
+             "lmul_attn": lambda: PrecisionPlan.uniform(None, "lmul(4)", kinds=["matmul"])}
+    if name is not None and name not in plans:
+        raise SystemExit(f"unknown plan {name!r}; valid: {', '.join(plans)}")
+    return None if name is None else plans[name]()
+
+
 def torchmerge_compiled(model: torch.nn.Module, inputs, precision: str | None):
-    """torch.compile with the torchmerge backend under a uniform plan (None: fp32, passes only)."""
+    """torch.compile with the torchmerge backend under a named plan; int8 calibrates on the first call's inputs."""
     import torchmerge
 
     t0 = time.perf_counter()
-    compiled = torchmerge.compile(model, plan=precision, example_inputs=inputs)
+    compiled = torchmerge.compile(model, plan=make_plan(precision))
     with torch.no_grad():
         compiled(*inputs)
     return compiled, time.perf_counter() - t0
@@ -133,11 +146,13 @@ def main() -> None:
         compiled, tm_compile_s = torchmerge_compiled(model, inputs, None)
         ms = median_ms(lambda: compiled(*inputs), args.runs)
         rows.append(("torchmerge fp32 plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
+        plan_compile: dict[str, float] = {}
         for plan in [p for p in args.plans.split(",") if p]:
             torch._dynamo.reset()
-            compiled, _ = torchmerge_compiled(model, inputs, plan)
+            compiled, plan_compile_s = torchmerge_compiled(model, inputs, plan)
             ms = median_ms(lambda: compiled(*inputs), args.runs)
             rows.append((f"torchmerge {plan} plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
+            plan_compile[plan] = plan_compile_s
 
     print(f"all-MiniLM-L6-v2, batch 32, seq 64, {torch.get_num_threads()} threads, median of {args.runs}")
     print(f"{'variant':40s} {'ms':>9s} {'vs eager':>9s} {'min cos':>8s}")
@@ -145,6 +160,8 @@ def main() -> None:
         print(f"{name:40s} {ms:9.2f} {speed:8.2f}x {cos:8.4f}")
     print(f"compile time: torchmerge {tm_compile_s:.1f} s, inductor {inductor_compile_s:.1f} s, "
           f"ratio {tm_compile_s / inductor_compile_s:.2f} (target <= 1.5)")
+    for plan, secs in plan_compile.items():
+        print(f"compile time: torchmerge {plan} plan {secs:.1f} s, ratio to inductor {secs / inductor_compile_s:.2f}")
 
 
 if __name__ == "__main__":
