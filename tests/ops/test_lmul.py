@@ -127,13 +127,16 @@ def _operands(kind: str, g: torch.Generator, shape_a, shape_b):
     return a, b
 
 
-@pytest.mark.parametrize("kind", ["normal", "zeros", "tiny", "special", "huge"])
-@pytest.mark.parametrize("shape", [(37, 300, 150), (4, 1, 64), (9, 513, 70), (1, 20, 200)])
+_SHAPES = [(37, 300, 150), (4, 1, 64), (9, 513, 70), (1, 20, 200)]
+# planted inf/NaN/huge values need at least 3 rows and 10 columns on each side
+_CASES = [(kind, s) for kind in ("normal", "zeros", "tiny", "special", "huge") for s in _SHAPES
+          if kind not in ("special", "huge") or (s[0] >= 3 and s[1] >= 10 and s[2] >= 10)]
+
+
+@pytest.mark.parametrize("kind, shape", _CASES)
 def test_matmul_bit_exact_vs_reference(isa, kind, shape):
     m_, k, n = shape
     g = torch.Generator().manual_seed(m_ * k + n)
-    if kind in ("special", "huge") and (m_ < 3 or k < 10 or n < 10):
-        pytest.skip("shape too small for the planted values")
     a, b = _operands(kind, g, (m_, k), (k, n))
     for m, l in ((23, -1), (4, 3)):
         assert_same_bits(lmul_matmul(a, b, m, None if l == -1 else l), lmul_matmul_reference(a, b, m, l))
