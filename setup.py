@@ -18,6 +18,14 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _replace_atomically(src: Path, dst: Path) -> None:
+    """Copy then rename: a process that has the old library mapped keeps a valid file (overwriting it
+    in place crashed running processes)."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])  # sources are globbed by CMakeLists.txt
@@ -49,11 +57,11 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(build_dir / "out" / "_C.so", target)
+        _replace_atomically(build_dir / "out" / "_C.so", target)
         if not self.inplace:  # editable installs import from the source tree: keep a copy there too
             in_tree = ROOT / self.get_ext_filename(ext.name)
             if in_tree.resolve() != target.resolve() and getattr(self, "editable_mode", False):
-                shutil.copyfile(target, in_tree)
+                _replace_atomically(target, in_tree)
 
 
 setup(ext_modules=[CMakeExtension("torchmerge._C")], cmdclass={"build_ext": CMakeBuild})
