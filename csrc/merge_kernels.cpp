@@ -58,6 +58,46 @@ TM_TARGET_CLONES(__attribute__((target("avx2"))), avx2)
 TM_TARGET_CLONES(, scalar)
 #undef TM_TARGET_CLONES
 
+// TIES sign election, one expert: with wt = τ·w and v = wt (weighted vote) or τ,
+//   vote += v (or sign v);  pos_sum += [v>0]·wt;  neg_sum += [v<0]·wt;  pos_div += [v>0]·d;  neg_div += [v<0]·d
+// each add rounded to fp32 as the separate torch ops do; `first` replaces "zeros + x" by "0 + x".
+#define TM_TIES_CLONES(ATTR, SUFFIX)                                                              \
+  ATTR void ties_acc_loop_##SUFFIX(float* vote, float* ps, float* ns, float* pd, float* nd,       \
+                                   const float* tau, const bool* keep, float w, float d, bool weighted, \
+                                   bool count, bool first, int64_t s, int64_t t) {                \
+    for (int64_t i = s; i < t; ++i) {                                                             \
+      const float x = keep ? (keep[i] ? tau[i] * 1.0f : tau[i] * 0.0f) : tau[i]; /* τ·[kept] */   \
+      const float wt = x * w;                                                                     \
+      const float v = weighted ? wt : x;                                                          \
+      const float sv = count ? float((0.0f < v) - (v < 0.0f)) : v;                                \
+      const bool pos = v > 0.0f, neg = v < 0.0f;                                                  \
+      const float pw = pos ? wt : 0.0f, nw = neg ? wt : 0.0f;                                     \
+      const float pdv = pos ? d : 0.0f, ndv = neg ? d : 0.0f;                                     \
+      vote[i] = (first ? 0.0f : vote[i]) + sv;                                                    \
+      ps[i] = (first ? 0.0f : ps[i]) + pw;                                                        \
+      ns[i] = (first ? 0.0f : ns[i]) + nw;                                                        \
+      pd[i] = (first ? 0.0f : pd[i]) + pdv;                                                       \
+      nd[i] = (first ? 0.0f : nd[i]) + ndv;                                                       \
+    }                                                                                             \
+  }                                                                                               \
+  ATTR void ties_resolve_loop_##SUFFIX(float* out, const float* vote, const float* ps, const float* ns, \
+                                       const float* pd, const float* nd, bool normalize, int64_t s, int64_t t) { \
+    for (int64_t i = s; i < t; ++i) {                                                             \
+      const bool up = vote[i] >= 0.0f;                                                            \
+      float m = up ? ps[i] : ns[i];                                                               \
+      if (normalize) {                                                                            \
+        float dv = up ? pd[i] : nd[i];                                                            \
+        if (dv == 0.0f) dv = 1.0f;                                                                \
+        m = m / dv;                                                                               \
+      }                                                                                           \
+      out[i] = m;                                                                                 \
+    }                                                                                             \
+  }
+TM_TIES_CLONES(__attribute__((target("avx512f,avx512bw,avx512vl"))), avx512)
+TM_TIES_CLONES(__attribute__((target("avx2"))), avx2)
+TM_TIES_CLONES(, scalar)
+#undef TM_TIES_CLONES
+
 constexpr int64_t kGrain = 1 << 16;
 
 template <typename E, typename B>
@@ -167,6 +207,54 @@ void merge_axpy_delta_(at::Tensor& acc, const at::Tensor& expert, const at::Tens
   dispatch_pair(e, b, [&](auto* ep, auto* bp) { axpy_typed(acc.data_ptr<float>(), ep, bp, w, e.numel()); });
 }
 
+void check_f32(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == like.sizes(),
+              "ties kernels: ", what, " must be a contiguous float32 tensor of shape ", like.sizes());
+}
+
+void ties_accumulate_(at::Tensor& vote, at::Tensor& pos_sum, at::Tensor& neg_sum, at::Tensor& pos_div,
+                      at::Tensor& neg_div, const at::Tensor& tau, double weight, double div_weight,
+                      bool weighted_vote, bool count_vote, bool first, const std::optional<at::Tensor>& keep) {
+  auto t = tau.contiguous();
+  at::Tensor k;
+  if (keep) {
+    k = keep->contiguous();
+    TORCH_CHECK(k.scalar_type() == at::kBool && k.sizes() == t.sizes(), "ties_accumulate_: keep must be a bool mask of tau's shape");
+  }
+  const bool* kp = keep ? k.const_data_ptr<bool>() : nullptr;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "ties_accumulate_: tau must be float32");
+  check_f32(vote, t, "vote"); check_f32(pos_sum, t, "pos_sum"); check_f32(neg_sum, t, "neg_sum");
+  check_f32(pos_div, t, "pos_div"); check_f32(neg_div, t, "neg_div");
+  const float w = static_cast<float>(weight), d = static_cast<float>(div_weight);
+  float *v = vote.data_ptr<float>(), *ps = pos_sum.data_ptr<float>(), *ns = neg_sum.data_ptr<float>();
+  float *pd = pos_div.data_ptr<float>(), *nd = neg_div.data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  const Isa isa = active_isa();
+  at::parallel_for(0, t.numel(), kGrain, [&](int64_t s, int64_t e) {
+    if (isa == Isa::Avx512) ties_acc_loop_avx512(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
+    else if (isa == Isa::Avx2) ties_acc_loop_avx2(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
+    else ties_acc_loop_scalar(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
+  });
+}
+
+at::Tensor ties_resolve(const at::Tensor& vote, const at::Tensor& pos_sum, const at::Tensor& neg_sum,
+                        const at::Tensor& pos_div, const at::Tensor& neg_div, bool normalize) {
+  check_f32(vote, vote, "vote"); check_f32(pos_sum, vote, "pos_sum"); check_f32(neg_sum, vote, "neg_sum");
+  check_f32(pos_div, vote, "pos_div"); check_f32(neg_div, vote, "neg_div");
+  auto out = at::empty_like(vote);
+  float* o = out.data_ptr<float>();
+  const float *v = vote.const_data_ptr<float>(), *ps = pos_sum.const_data_ptr<float>();
+  const float *ns = neg_sum.const_data_ptr<float>(), *pd = pos_div.const_data_ptr<float>();
+  const float* nd = neg_div.const_data_ptr<float>();
+  const Isa isa = active_isa();
+  at::parallel_for(0, vote.numel(), kGrain, [&](int64_t s, int64_t e) {
+    if (isa == Isa::Avx512) ties_resolve_loop_avx512(o, v, ps, ns, pd, nd, normalize, s, e);
+    else if (isa == Isa::Avx2) ties_resolve_loop_avx2(o, v, ps, ns, pd, nd, normalize, s, e);
+    else ties_resolve_loop_scalar(o, v, ps, ns, pd, nd, normalize, s, e);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
@@ -174,6 +262,8 @@ TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
   m.impl("merge_axpy_delta_", &merge_axpy_delta_);
   m.impl("merge_scaled_delta", &merge_scaled_delta);
   m.impl("merge_finish", &merge_finish);
+  m.impl("ties_accumulate_", &ties_accumulate_);
+  m.impl("ties_resolve", &ties_resolve);
 }
 
 }  // namespace torchmerge

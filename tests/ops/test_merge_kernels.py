@@ -65,6 +65,39 @@ def test_finish_rounds_like_separate_ops(isa, divisor, lam):
     assert torch.equal(torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam), base + m)
 
 
+@pytest.mark.parametrize("weighted_vote, count_vote", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mask_in_kernel", [False, True])
+def test_ties_election_matches_plain_ops(isa, weighted_vote, count_vote, normalize, mask_in_kernel):
+    """Against TIES' sign election written out plainly (mergekit's "sum" consensus, Yadav et al. 2023)."""
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(30_011, generator=g) for _ in range(3)]
+    keeps = [torch.rand(30_011, generator=g) < 0.4 for _ in range(3)]
+    taus = [d * k.float() for d, k in zip(deltas, keeps)]
+    weights = [0.3, -0.5, 0.9]
+    bufs = [torch.full((30_011,), float("nan")) for _ in range(5)]  # garbage: `first` must overwrite it
+    for i, (tau, w) in enumerate(zip(taus, weights)):
+        args = (deltas[i], w, w, weighted_vote, count_vote, i == 0, keeps[i]) if mask_in_kernel else \
+            (tau, w, w, weighted_vote, count_vote, i == 0)
+        torch.ops.torchmerge.ties_accumulate_(*bufs, *args)
+    got = torch.ops.torchmerge.ties_resolve(*bufs, normalize)
+    wt = [t * torch.tensor(w) for t, w in zip(taus, weights)]
+    votes = wt if weighted_vote else taus
+    vote = torch.zeros(30_011)
+    for v in votes:
+        vote = vote + (torch.sign(v) if count_vote else v)
+    up = vote >= 0
+    agree = [torch.where(up, v > 0, v < 0) for v in votes]
+    mixed = torch.zeros(30_011)
+    div = torch.zeros(30_011)
+    for a, x, w in zip(agree, wt, weights):
+        mixed = mixed + torch.where(a, x, 0.0)
+        div = div + torch.where(a, torch.tensor(w), 0.0)
+    if normalize:
+        mixed = mixed / torch.where(div == 0, 1.0, div)
+    assert torch.equal(got, mixed)
+
+
 def test_special_values_propagate(isa):
     expert = torch.tensor([float("nan"), float("inf"), 1.0, -0.0], dtype=torch.bfloat16)
     base = torch.tensor([0.0, 1.0, float("inf"), 0.0], dtype=torch.bfloat16)
@@ -79,6 +112,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.torchmerge.merge_axpy_delta_.default, (torch.zeros(64), expert, base, 0.5))
     torch.library.opcheck(torch.ops.torchmerge.merge_scaled_delta.default, (expert, base, 0.5))
     torch.library.opcheck(torch.ops.torchmerge.merge_finish.default, (base, torch.randn(64), 2.0, None))
+    bufs = [torch.randn(64) for _ in range(5)]
+    torch.library.opcheck(torch.ops.torchmerge.ties_accumulate_.default, (*bufs, torch.randn(64), 0.5, 0.5, True, False, False))
+    torch.library.opcheck(torch.ops.torchmerge.ties_resolve.default, (*bufs, True))
 
 
 @pytest.mark.parametrize("call, match", [

@@ -91,7 +91,7 @@ def top_k_mask(a: torch.Tensor, k: int, tie_break: str = "sort") -> torch.Tensor
 
 
 def _rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: str | None, keep_prob) -> torch.Tensor:
-    masked = delta * keep.to(delta.dtype)
+    masked = torch.mul(delta, keep)  # bool promotes to 1.0 / 0.0 inside the multiply: no temporary
     if rescale is None:
         return masked
     if rescale == "inverse_density":
@@ -103,15 +103,19 @@ def _rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: str | None, keep
     return masked * (before / after)
 
 
+def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "sort") -> torch.Tensor:
+    """The TIES trim mask: True for the k = max(1, ⌊density·n⌋) largest |δ| (density < 1, n > 0)."""
+    k = max(1, int(density * delta.numel()))
+    return top_k_mask(delta.abs().reshape(-1), k, tie_break).reshape(delta.shape)
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None, tie_break: str = "sort") -> torch.Tensor:
     """TIES trim: keep the k = max(1, ⌊density·n⌋) largest |δ| (δ unchanged when density ≥ 1)."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    keep = top_k_mask(delta.abs().reshape(-1), k, tie_break).reshape(delta.shape)
-    return _rescaled(delta, keep, rescale, density)
+    return _rescaled(delta, magnitude_keep(delta, density, tie_break), rescale, density)
 
 
 def magnitude_outliers(

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from . import sparsify as sp
-from ..ops.merge_kernels import merge_finish
+from ..ops.merge_kernels import (merge_finish, ties_accumulate_, ties_accumulate_reference, ties_resolve,
+                                 ties_resolve_reference)
 from .base import REQUIRED, MergeError, MergeMethod, Param, TensorInputs, in_range, one_of
 
 _F32 = torch.float32
@@ -241,25 +242,30 @@ class GeneralizedTaskArithmetic(MergeMethod):
         weighted_vote = params["sign_vote"] == "weighted"
         count_vote = params["consensus"] == "count"
         count_divisor = params["divisor"] == "count"
-        vote = torch.zeros_like(base)
-        pos_sum, neg_sum = torch.zeros_like(base), torch.zeros_like(base)
-        pos_div, neg_div = torch.zeros_like(base), torch.zeros_like(base)
-        for tau, wtau, w in self._weighted_deltas(base, inputs, params):
-            v = wtau if weighted_vote else tau
-            vote += torch.sign(v) if count_vote else v
-            pos, neg = v > 0, v < 0
-            pos_sum += torch.where(pos, wtau, 0.0)
-            neg_sum += torch.where(neg, wtau, 0.0)
-            d = 1.0 if count_divisor else float(w)
-            pos_div.add_(pos, alpha=d)
-            neg_div.add_(neg, alpha=d)
-        elected_pos = vote >= 0
-        mixed = torch.where(elected_pos, pos_sum, neg_sum)
-        if params["normalize"]:
-            divisor = torch.where(elected_pos, pos_div, neg_div)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
-        return mixed
+        if base.dtype != _F32:  # the fused kernels are fp32; other compute dtypes use the torch ops
+            return self._merge_consensus_unfused(base, inputs, params)
+        buffers = [torch.empty_like(base) for _ in range(5)]  # vote, pos_sum, neg_sum, pos_div, neg_div
+        for i, expert in enumerate(inputs.experts):
+            w = expert.params["weight"]
+            delta, keep = expert.delta_from(base), None
+            if self._plain_magnitude_trim(expert, params) and delta.numel():  # the kernel applies the mask
+                keep = sp.magnitude_keep(delta, expert.params["density"], params["tie_break"])
+            else:
+                delta = self._sparsify(delta, expert, inputs, params)
+            ties_accumulate_(*buffers, delta, w, 1.0 if count_divisor else w, weighted_vote, count_vote, i == 0, keep)
+        return ties_resolve(*buffers, params["normalize"])
+
+    def _plain_magnitude_trim(self, expert, params) -> bool:
+        """Per-tensor magnitude trim without rescaling: τ = δ·[kept], which ties_accumulate_ can apply itself."""
+        return (self.variant.sparsify == "magnitude" and params["trim_scope"] == "tensor" and not params["rescale"]
+                and expert.params.get("density", 1.0) < 1)
+
+    def _merge_consensus_unfused(self, base, inputs, params) -> torch.Tensor:
+        buffers = [torch.empty_like(base) for _ in range(5)]
+        for i, (tau, _, w) in enumerate(self._weighted_deltas(base, inputs, params)):
+            ties_accumulate_reference(*buffers, tau, float(w), 1.0 if params["divisor"] == "count" else float(w),
+                                      params["sign_vote"] == "weighted", params["consensus"] == "count", i == 0)
+        return ties_resolve_reference(*buffers, params["normalize"])
 
     # ---------------------------------------------------------------- whole-model trim
     def prepare(self, tensor_names: Sequence[str], load_all: Callable[[str], TensorInputs], params: Mapping[str, Any]) -> None:

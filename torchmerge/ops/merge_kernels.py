@@ -10,6 +10,14 @@ uses them is bit-identical to one that doesn't (and to mergekit 0.1.5).
                                      (three fp32 roundings: subtract, multiply, add; no FMA)
     merge_scaled_delta(e, b, w)    = 0 + (fp32(e) − fp32(b)) · fp32(w)   (a fresh accumulator)
     merge_finish(b, m, div, lam)   = b + ((m / div) · lam), the division and product only when given
+
+TIES sign election (Yadav et al., arXiv 2306.01708, in mergekit 0.1.5's "sum" consensus form), per
+expert with trimmed task vector τ, weight w and divisor weight d (w, or 1 for the paper's count):
+    ties_accumulate_: (with `keep`: τ ← τ·[keep], the TIES trim); wt = τ·w, v = wt (weighted vote) or τ; vote += v (or sign v);
+                      pos_sum += [v>0]·wt; neg_sum += [v<0]·wt; pos_div += [v>0]·d; neg_div += [v<0]·d
+                      (`first`: the buffers are uninitialised and get 0 + term)
+    ties_resolve:     up = vote ≥ 0; m = up ? pos_sum : neg_sum; with normalize m /= (up ? pos_div : neg_div),
+                      a zero divisor counting as 1
 """
 
 from __future__ import annotations
@@ -57,6 +65,40 @@ def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: flo
     return base + m
 
 
+def ties_accumulate_reference(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: float, div_weight: float,
+                              weighted_vote: bool, count_vote: bool, first: bool, keep=None) -> None:
+    if keep is not None:
+        tau = tau * keep.to(tau.dtype)
+    wt = tau * torch.tensor(weight, dtype=torch.float32)
+    v = wt if weighted_vote else tau
+    pos, neg = v > 0, v < 0
+    terms = (torch.sign(v) if count_vote else v, torch.where(pos, wt, 0.0), torch.where(neg, wt, 0.0),
+             torch.where(pos, torch.tensor(div_weight, dtype=torch.float32), 0.0),
+             torch.where(neg, torch.tensor(div_weight, dtype=torch.float32), 0.0))
+    for buf, term in zip((vote, pos_sum, neg_sum, pos_div, neg_div), terms):
+        if first:
+            buf.zero_()
+        buf.add_(term)
+
+
+def ties_resolve_reference(vote, pos_sum, neg_sum, pos_div, neg_div, normalize: bool) -> torch.Tensor:
+    up = vote >= 0
+    mixed = torch.where(up, pos_sum, neg_sum)
+    if normalize:
+        divisor = torch.where(up, pos_div, neg_div)
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return mixed
+
+
+def _ties_acc_fake(*args) -> None:
+    return None
+
+
+def _ties_resolve_fake(vote, *args) -> torch.Tensor:
+    return torch.empty_like(vote)
+
+
 def _finish_fake(base, mixed, divisor, lam) -> torch.Tensor:
     return torch.empty_like(base)
 
@@ -79,6 +121,13 @@ define_op("merge_scaled_delta", "(Tensor expert, Tensor base, float weight) -> T
           reference=merge_scaled_delta_reference, fake=_scaled_fake)
 define_op("merge_finish", "(Tensor base, Tensor mixed, float? divisor, float? lam) -> Tensor",
           reference=merge_finish_reference, fake=_finish_fake)
+define_op("ties_accumulate_",
+          "(Tensor(a!) vote, Tensor(b!) pos_sum, Tensor(c!) neg_sum, Tensor(d!) pos_div, Tensor(e!) neg_div, "
+          "Tensor tau, float weight, float div_weight, bool weighted_vote, bool count_vote, bool first, "
+          "Tensor? keep=None) -> ()",
+          reference=ties_accumulate_reference, fake=_ties_acc_fake)
+define_op("ties_resolve", "(Tensor vote, Tensor pos_sum, Tensor neg_sum, Tensor pos_div, Tensor neg_div, bool normalize) -> Tensor",
+          reference=ties_resolve_reference, fake=_ties_resolve_fake)
 define_op("merge_axpy_delta_", "(Tensor(a!) acc, Tensor expert, Tensor base, float weight) -> ()",
           reference=merge_axpy_delta_reference, fake=_axpy_fake)
 
@@ -106,3 +155,14 @@ def merge_finish(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None,
         raise ValueError(f"merge_finish: base and mixed must be float32 tensors of one shape, got "
                          f"{base.dtype}{list(base.shape)} and {mixed.dtype}{list(mixed.shape)}")
     return torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam)
+
+
+def ties_accumulate_(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: float, div_weight: float,
+                     weighted_vote: bool, count_vote: bool, first: bool, keep: torch.Tensor | None = None) -> None:
+    torch.ops.torchmerge.ties_accumulate_(vote, pos_sum, neg_sum, pos_div, neg_div, tau.contiguous(), float(weight),
+                                          float(div_weight), weighted_vote, count_vote, first,
+                                          None if keep is None else keep.contiguous())
+
+
+def ties_resolve(vote, pos_sum, neg_sum, pos_div, neg_div, normalize: bool) -> torch.Tensor:
+    return torch.ops.torchmerge.ties_resolve(vote, pos_sum, neg_sum, pos_div, neg_div, normalize)
