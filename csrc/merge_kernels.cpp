@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace torchmerge {
 namespace {
@@ -62,32 +63,36 @@ TM_TARGET_CLONES(, scalar)
 //   vote += v (or sign v);  pos_sum += [v>0]·wt;  neg_sum += [v<0]·wt;  pos_div += [v>0]·d;  neg_div += [v<0]·d
 // each add rounded to fp32 as the separate torch ops do; `first` replaces "zeros + x" by "0 + x".
 #define TM_TIES_CLONES(ATTR, SUFFIX)                                                              \
-  ATTR void ties_acc_loop_##SUFFIX(float* vote, float* ps, float* ns, float* pd, float* nd,       \
-                                   const float* tau, const bool* keep, float w, float d, bool weighted, \
-                                   bool count, bool first, int64_t s, int64_t t) {                \
+  template <bool kWeighted, bool kCount, bool kFirst, bool kKeep>                                 \
+  ATTR void ties_acc_loop_##SUFFIX(float* __restrict__ vote, float* __restrict__ ps,              \
+                                   float* __restrict__ ns, float* __restrict__ pd,                \
+                                   float* __restrict__ nd, const float* __restrict__ tau,         \
+                                   const uint8_t* __restrict__ keep, float w, float d, int64_t s, int64_t t) { \
     for (int64_t i = s; i < t; ++i) {                                                             \
-      const float x = keep ? (keep[i] ? tau[i] * 1.0f : tau[i] * 0.0f) : tau[i]; /* τ·[kept] */   \
+      const float x = kKeep ? tau[i] * float(keep[i]) : tau[i]; /* τ·[kept]: keep is 0/1 */      \
       const float wt = x * w;                                                                     \
-      const float v = weighted ? wt : x;                                                          \
-      const float sv = count ? float((0.0f < v) - (v < 0.0f)) : v;                                \
+      const float v = kWeighted ? wt : x;                                                         \
+      const float sv = kCount ? float((0.0f < v) - (v < 0.0f)) : v;                               \
       const bool pos = v > 0.0f, neg = v < 0.0f;                                                  \
       const float pw = pos ? wt : 0.0f, nw = neg ? wt : 0.0f;                                     \
       const float pdv = pos ? d : 0.0f, ndv = neg ? d : 0.0f;                                     \
-      vote[i] = (first ? 0.0f : vote[i]) + sv;                                                    \
-      ps[i] = (first ? 0.0f : ps[i]) + pw;                                                        \
-      ns[i] = (first ? 0.0f : ns[i]) + nw;                                                        \
-      pd[i] = (first ? 0.0f : pd[i]) + pdv;                                                       \
-      nd[i] = (first ? 0.0f : nd[i]) + ndv;                                                       \
+      vote[i] = (kFirst ? 0.0f : vote[i]) + sv;                                                   \
+      ps[i] = (kFirst ? 0.0f : ps[i]) + pw;                                                       \
+      ns[i] = (kFirst ? 0.0f : ns[i]) + nw;                                                       \
+      pd[i] = (kFirst ? 0.0f : pd[i]) + pdv;                                                      \
+      nd[i] = (kFirst ? 0.0f : nd[i]) + ndv;                                                      \
     }                                                                                             \
   }                                                                                               \
-  ATTR void ties_resolve_loop_##SUFFIX(float* out, const float* vote, const float* ps, const float* ns, \
-                                       const float* pd, const float* nd, bool normalize, int64_t s, int64_t t) { \
+  ATTR void ties_resolve_loop_##SUFFIX(float* __restrict__ out, const float* __restrict__ vote,   \
+                                       const float* __restrict__ ps, const float* __restrict__ ns, \
+                                       const float* __restrict__ pd, const float* __restrict__ nd, \
+                                       bool normalize, int64_t s, int64_t t) {                    \
     for (int64_t i = s; i < t; ++i) {                                                             \
       const bool up = vote[i] >= 0.0f;                                                            \
       float m = up ? ps[i] : ns[i];                                                               \
       if (normalize) {                                                                            \
         float dv = up ? pd[i] : nd[i];                                                            \
-        if (dv == 0.0f) dv = 1.0f;                                                                \
+        dv = dv == 0.0f ? 1.0f : dv;                                                              \
         m = m / dv;                                                                               \
       }                                                                                           \
       out[i] = m;                                                                                 \
@@ -221,7 +226,8 @@ void ties_accumulate_(at::Tensor& vote, at::Tensor& pos_sum, at::Tensor& neg_sum
     k = keep->contiguous();
     TORCH_CHECK(k.scalar_type() == at::kBool && k.sizes() == t.sizes(), "ties_accumulate_: keep must be a bool mask of tau's shape");
   }
-  const bool* kp = keep ? k.const_data_ptr<bool>() : nullptr;
+  // bool is one byte holding 0 or 1: read as uint8 so the multiply vectorises
+  const uint8_t* kp = keep ? reinterpret_cast<const uint8_t*>(k.const_data_ptr<bool>()) : nullptr;
   TORCH_CHECK(t.scalar_type() == at::kFloat, "ties_accumulate_: tau must be float32");
   check_f32(vote, t, "vote"); check_f32(pos_sum, t, "pos_sum"); check_f32(neg_sum, t, "neg_sum");
   check_f32(pos_div, t, "pos_div"); check_f32(neg_div, t, "neg_div");
@@ -230,11 +236,21 @@ void ties_accumulate_(at::Tensor& vote, at::Tensor& pos_sum, at::Tensor& neg_sum
   float *pd = pos_div.data_ptr<float>(), *nd = neg_div.data_ptr<float>();
   const float* tp = t.const_data_ptr<float>();
   const Isa isa = active_isa();
-  at::parallel_for(0, t.numel(), kGrain, [&](int64_t s, int64_t e) {
-    if (isa == Isa::Avx512) ties_acc_loop_avx512(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
-    else if (isa == Isa::Avx2) ties_acc_loop_avx2(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
-    else ties_acc_loop_scalar(v, ps, ns, pd, nd, tp, kp, w, d, weighted_vote, count_vote, first, s, e);
-  });
+  auto run = [&](auto weighted, auto count, auto first, auto has_keep) {
+    constexpr bool W = decltype(weighted)::value, C = decltype(count)::value;
+    constexpr bool F = decltype(first)::value, K = decltype(has_keep)::value;
+    at::parallel_for(0, t.numel(), kGrain, [&](int64_t s, int64_t e) {
+      if (isa == Isa::Avx512) ties_acc_loop_avx512<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
+      else if (isa == Isa::Avx2) ties_acc_loop_avx2<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
+      else ties_acc_loop_scalar<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
+    });
+  };
+  using T = std::true_type;
+  using Fl = std::false_type;
+  auto with_keep = [&](auto a, auto b, auto c) { kp ? run(a, b, c, T{}) : run(a, b, c, Fl{}); };
+  auto with_first = [&](auto a, auto b) { first ? with_keep(a, b, T{}) : with_keep(a, b, Fl{}); };
+  auto with_count = [&](auto a) { count_vote ? with_first(a, T{}) : with_first(a, Fl{}); };
+  weighted_vote ? with_count(T{}) : with_count(Fl{});
 }
 
 at::Tensor ties_resolve(const at::Tensor& vote, const at::Tensor& pos_sum, const at::Tensor& neg_sum,
