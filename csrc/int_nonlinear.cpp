@@ -3,6 +3,8 @@
 // line there (int64 arithmetic, floor division, arithmetic shifts), so results are bit-identical.
 #include "common.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <vector>
 
@@ -88,6 +90,301 @@ int64_t exp_core(int64_t x, const ExpConsts& k) {
   return (r * (r + k.b) + k.c) >> q;
 }
 
+
+// I-ViT int_exp_shift with n = 23; positive x only occurs in the published exp(-x_max) term.
+int64_t gelu_exp(int64_t x, int64_t x0, bool published) {
+  x = published ? x + (x >> 1) - (x >> 4) : x * 23;
+  x = std::max(x, kGeluN * x0);
+  const int64_t q = floor_div(x, x0), r = x - x0 * q;
+  return ((r - 2 * x0) << std::min<int64_t>(kGeluN - q, 40)) >> 1;
+}
+
+// ---- vectorised paths -----------------------------------------------------------------------------------
+// Every kernel body below is written once as an always-inline function over plain int64/double lanes with no
+// data-dependent control flow, and instantiated three times: under target("avx512f,bw,vl,dq") (zmm: vpmullq,
+// vpsravq, vcvtqq2pd), under target("avx2,fma") and with the baseline ISA (the scalar path), picked at run
+// time from active_isa(). The per-element 64-bit divisions of the scalar code are replaced by a double-
+// precision quotient estimate followed by an exact int64 remainder fix-up (fdiv_*), which yields exactly
+// floor(a/b): the estimate is within ±1 because |quotient| < 2^41 and |a| < 2^53 on every call site.
+#define TM_INLINE inline __attribute__((always_inline))
+#define TM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define TM_AVX2 __attribute__((target("avx2,fma")))
+
+// Clone fn (an always-inline template whose template arguments are deduced from its arguments) per ISA.
+#define TM_CLONES(fn)                                                       \
+  template <typename... A> TM_AVX512 void fn##_avx512(A... a) { fn(a...); } \
+  template <typename... A> TM_AVX2 void fn##_avx2(A... a) { fn(a...); }     \
+  template <typename... A> void fn##_scalar(A... a) { fn(a...); }
+
+int vec_level() {  // 2: avx512 (+dq), 1: avx2, 0: scalar
+  static const bool dq = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512dq"));
+  }();
+  const Isa isa = active_isa();
+  return isa == Isa::Avx512 ? (dq ? 2 : 1) : (isa == Isa::Avx2 ? 1 : 0);
+}
+
+#define TM_DISPATCH(fn, ...)                   \
+  switch (vec_level()) {                       \
+    case 2: fn##_avx512(__VA_ARGS__); break;   \
+    case 1: fn##_avx2(__VA_ARGS__); break;     \
+    default: fn##_scalar(__VA_ARGS__); break;  \
+  }
+
+// floor(x / d) for d < 0 (inv = 1.0 / d); also returns the remainder r = x - d·q in (d, 0].
+TM_INLINE int64_t fdiv_neg(int64_t x, int64_t d, double inv, int64_t& r) {
+  int64_t q = int64_t(std::floor(double(x) * inv));
+  r = x - d * q;
+  const bool hi = r > 0, lo = r <= d;
+  q = hi ? q - 1 : (lo ? q + 1 : q);
+  r = hi ? r + d : (lo ? r - d : r);
+  return q;
+}
+
+// floor(x / d) for d > 0, x ≥ 0 from a double quotient estimate qe (≥ 0).
+TM_INLINE int64_t fdiv_pos(int64_t x, int64_t d, double qe) {
+  int64_t q = int64_t(qe);
+  const int64_t r = x - d * q;
+  return r < 0 ? q - 1 : (r >= d ? q + 1 : q);
+}
+
+// exp_core with x already ≤ 0 and the constant division done by fdiv_neg.
+TM_INLINE int64_t exp_core_v(int64_t x, const ExpConsts& k, double inv_x0) {
+  x = x < 0 ? x : 0;
+  if (k.shift) x = x * 23;
+  const int64_t lo = k.n * k.x0;
+  x = x > lo ? x : lo;
+  int64_t r;
+  const int64_t q = fdiv_neg(x, k.x0, inv_x0, r);
+  if (k.shift) return ((r - 2 * k.x0) << (k.n - q)) >> 1;
+  return (r * (r + k.b) + k.c) >> q;
+}
+
+template <typename In>
+TM_INLINE void i_exp_body(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, const ExpConsts* kp) {
+  const ExpConsts k = *kp;
+  const double inv = 1.0 / double(k.x0);
+  if (k.shift) {
+    ExpConsts ks = k; ks.shift = true;
+    for (int64_t i = b; i < e; ++i) out[i] = int32_t(exp_core_v(in[i], ks, inv));
+  } else {
+    for (int64_t i = b; i < e; ++i) out[i] = int32_t(exp_core_v(in[i], k, inv));
+  }
+}
+TM_CLONES(i_exp_body)
+
+template <typename In, typename Out>
+TM_INLINE void shiftmax_body(const In* __restrict x, Out* __restrict y, int64_t d, int64_t rb, int64_t re,
+                             const ExpConsts* kp, int64_t out_bits, int64_t* __restrict e) {
+  const ExpConsts k = *kp;
+  const double inv = 1.0 / double(k.x0);
+  const int64_t top = (int64_t(1) << (out_bits - 1)) - 1, half = int64_t(1) << (62 - out_bits);
+  const int sh = int(63 - out_bits);
+  for (int64_t r = rb; r < re; ++r) {
+    const In* __restrict in = x + r * d;
+    Out* __restrict out = y + r * d;
+    In m = in[0];
+    for (int64_t i = 1; i < d; ++i) m = in[i] > m ? in[i] : m;
+    const int64_t m64 = m;
+    int64_t sum = 0;
+    if (k.shift) {
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t x0 = k.x0, t = exp_core_v(int64_t(in[i]) - m64, ExpConsts{true, x0, k.n, 0, 0}, inv);
+        e[i] = t;
+        sum += t;
+      }
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t t = exp_core_v(int64_t(in[i]) - m64, k, inv);
+        e[i] = t;
+        sum += t;
+      }
+    }
+    const int64_t factor = (int64_t(1) << 62) / sum;
+    for (int64_t i = 0; i < d; ++i) {
+      const int64_t v = (e[i] * factor + half) >> sh;
+      out[i] = Out(v < top ? v : top);
+    }
+  }
+}
+TM_CLONES(shiftmax_body)
+
+// Corrected ShiftGELU: with m = max(x, 0) one of the two exponentials is e(0) = E0, the other t = e(-|x|).
+template <typename In>
+TM_INLINE void shift_gelu_body(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, int64_t x0,
+                               int64_t sigmoid_bits) {
+  const double inv = 1.0 / double(x0), two62 = 4611686018427387904.0;
+  const int64_t lo = kGeluN * x0, E0 = (-2 * x0) << (kGeluN - 1);  // ((0 - 2·x0) << 23) >> 1
+  const int64_t half = int64_t(1) << (62 - sigmoid_bits), top = (int64_t(1) << (sigmoid_bits - 1)) - 1;
+  const int sh = int(63 - sigmoid_bits);
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t v = in[i], a = v < 0 ? v : -v;  // -|v|
+    int64_t z = a * 23;
+    z = z > lo ? z : lo;
+    int64_t r;
+    const int64_t q = fdiv_neg(z, x0, inv, r);
+    const int64_t t = ((r - 2 * x0) << (kGeluN - q)) >> 1;
+    const int64_t sum = E0 + t, num = v >= 0 ? E0 : t;
+    const int64_t f = fdiv_pos(int64_t(1) << 62, sum, two62 / double(sum));
+    int64_t sig = (num * f + half) >> sh;
+    sig = sig < top ? sig : top;
+    out[i] = int32_t(v * sig);
+  }
+}
+TM_CLONES(shift_gelu_body)
+
+// Hand-written AVX-512 ShiftGELU (GCC does not vectorise the body above): 8 int64 lanes, the same steps.
+TM_AVX512 inline __m512i load8_i64(const int8_t* p) { return _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i*)p)); }
+TM_AVX512 inline __m512i load8_i64(const int16_t* p) { return _mm512_cvtepi16_epi64(_mm_loadu_si128((const __m128i*)p)); }
+TM_AVX512 inline __m512i load8_i64(const int32_t* p) { return _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i*)p)); }
+
+template <typename In>
+TM_AVX512 void shift_gelu_zmm(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, int64_t x0,
+                              int64_t sigmoid_bits) {
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1), x0v = _mm512_set1_epi64(x0);
+  const __m512i lo = _mm512_set1_epi64(kGeluN * x0), c23 = _mm512_set1_epi64(23), twox0 = _mm512_set1_epi64(2 * x0);
+  const __m512i E0 = _mm512_set1_epi64((-2 * x0) << (kGeluN - 1)), two62 = _mm512_set1_epi64(int64_t(1) << 62);
+  const __m512i half = _mm512_set1_epi64(int64_t(1) << (62 - sigmoid_bits));
+  const __m512i top = _mm512_set1_epi64((int64_t(1) << (sigmoid_bits - 1)) - 1);
+  const __m128i sh = _mm_cvtsi64_si128(63 - sigmoid_bits);
+  const __m512d inv = _mm512_set1_pd(1.0 / double(x0)), two62d = _mm512_set1_pd(4611686018427387904.0);
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m512i v = load8_i64(in + i);
+    const __m512i a = _mm512_min_epi64(v, _mm512_sub_epi64(zero, v));  // -|v|
+    const __m512i z = _mm512_max_epi64(_mm512_mullo_epi64(a, c23), lo);
+    __m512i q = _mm512_cvttpd_epi64(
+        _mm512_roundscale_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(z), inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    __m512i r = _mm512_sub_epi64(z, _mm512_mullo_epi64(q, x0v));
+    const __mmask8 up = _mm512_cmpgt_epi64_mask(r, zero), dn = _mm512_cmple_epi64_mask(r, x0v);
+    q = _mm512_mask_add_epi64(_mm512_mask_sub_epi64(q, up, q, one), dn, q, one);
+    r = _mm512_mask_sub_epi64(_mm512_mask_add_epi64(r, up, r, x0v), dn, r, x0v);
+    const __m512i t = _mm512_srai_epi64(_mm512_sllv_epi64(_mm512_sub_epi64(r, twox0), _mm512_sub_epi64(_mm512_set1_epi64(kGeluN), q)), 1);
+    const __m512i sum = _mm512_add_epi64(E0, t);
+    const __m512i num = _mm512_mask_blend_epi64(_mm512_cmpge_epi64_mask(v, zero), t, E0);
+    __m512i f = _mm512_cvttpd_epi64(_mm512_div_pd(two62d, _mm512_cvtepi64_pd(sum)));
+    const __m512i rr = _mm512_sub_epi64(two62, _mm512_mullo_epi64(f, sum));
+    const __mmask8 fdn = _mm512_cmplt_epi64_mask(rr, zero), fup = _mm512_cmpge_epi64_mask(rr, sum);
+    f = _mm512_mask_add_epi64(_mm512_mask_sub_epi64(f, fdn, f, one), fup, f, one);
+    __m512i sig = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(num, f), half), sh);
+    sig = _mm512_min_epi64(sig, top);
+    _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi64_epi32(_mm512_mullo_epi64(v, sig)));
+  }
+  shift_gelu_body(in, out, i, e, x0, sigmoid_bits);  // tail (< 8 elements)
+}
+
+// Published ShiftGELU: row max m, e_m = gelu_exp(-m) per row (scalar), factor = floor(cap31 / min(e + e_m, cap31)).
+template <typename In>
+TM_INLINE void shift_gelu_pub_body(const In* __restrict x, int32_t* __restrict y, int64_t d, int64_t rb, int64_t re,
+                                   int64_t x0, int64_t sigmoid_bits) {
+  const double inv = 1.0 / double(x0);
+  const int64_t lo = kGeluN * x0, cap31 = (int64_t(1) << 31) - 1, top = (int64_t(1) << (sigmoid_bits - 1)) - 1;
+  const int sh = int(32 - sigmoid_bits);
+  for (int64_t row = rb; row < re; ++row) {
+    const In* __restrict in = x + row * d;
+    int32_t* __restrict out = y + row * d;
+    In mm = in[0];
+    for (int64_t i = 1; i < d; ++i) mm = in[i] > mm ? in[i] : mm;
+    const int64_t m = mm, e_m = gelu_exp(-m, x0, true);
+    for (int64_t i = 0; i < d; ++i) {
+      const int64_t v = in[i], xm = v - m;  // ≤ 0, so q ≥ 0 and the shift never exceeds 23
+      int64_t z = xm + (xm >> 1) - (xm >> 4);
+      z = z > lo ? z : lo;
+      int64_t r;
+      const int64_t q = fdiv_neg(z, x0, inv, r);
+      const int64_t ev = ((r - 2 * x0) << (kGeluN - q)) >> 1;
+      int64_t total = ev + e_m;
+      total = total < cap31 ? total : cap31;
+      const int64_t f = fdiv_pos(cap31, total, double(cap31) / double(total));
+      int64_t sig = (ev * f) >> sh;
+      sig = sig < top ? sig : top;
+      out[i] = int32_t(v * sig);
+    }
+  }
+}
+TM_CLONES(shift_gelu_pub_body)
+
+struct GeluConsts {
+  int64_t b, c, one;
+};
+
+template <typename In>
+TM_INLINE void i_gelu_body(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, const GeluConsts* gp) {
+  const int64_t cb = gp->b, cc = gp->c, one = gp->one, nb = -gp->b;
+  const int64_t lo = -(int64_t(1) << 31), hi = (int64_t(1) << 31) - 1;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t v = in[i], av = v < 0 ? -v : v, a = av < nb ? av : nb;
+    const int64_t mag = (-((a + cb) * (a + cb) + cc)) >> kGeluShift;
+    const int64_t erf = v > 0 ? mag : (v < 0 ? -mag : 0);
+    int64_t o = v * (erf + one);
+    o = o < lo ? lo : (o > hi ? hi : o);
+    out[i] = int32_t(o);
+  }
+}
+TM_CLONES(i_gelu_body)
+
+struct LnParams {
+  const int64_t* mult;
+  const int64_t* shift;
+  const int64_t* rnd;
+  const int64_t* bias;
+  int64_t q;
+};
+
+template <typename In, typename Out>
+TM_INLINE void i_layernorm_body(const In* __restrict x, Out* __restrict y, int64_t d, int64_t rb, int64_t re,
+                                const LnParams* pp) {
+  const int64_t* __restrict mult = pp->mult;
+  const int64_t* __restrict shv = pp->shift;
+  const int64_t* __restrict rnd = pp->rnd;
+  const int64_t* __restrict bias = pp->bias;
+  const int64_t qmax = pp->q, qmin = -pp->q - 1;
+  for (int64_t row = rb; row < re; ++row) {
+    const In* __restrict in = x + row * d;
+    Out* __restrict out = y + row * d;
+    int64_t sum = 0, sq = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const int32_t v = in[i];
+      sum += v;
+      sq += int64_t(v * v);
+    }
+    const int64_t v = d * sq - sum * sum;
+    if (v > 0) {
+      const int k = std::max(0, (62 - bit_length(uint64_t(v))) >> 1);
+      const int64_t sigma = isqrt64(v << (2 * k)), scale = int64_t(1) << (k + kLnFracBits);
+      const double inv = 1.0 / double(sigma);
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t num = (d * int64_t(in[i]) - sum) * scale;  // |num| < 2^52
+        int64_t q = int64_t(std::floor(double(num) * inv));
+        const int64_t r = num - q * sigma;
+        q = r < 0 ? q - 1 : (r >= sigma ? q + 1 : q);
+        int64_t o = ((q * mult[i] + rnd[i]) >> shv[i]) + bias[i];
+        o = o < qmin ? qmin : (o > qmax ? qmax : o);
+        out[i] = Out(o);
+      }
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        int64_t o = bias[i];
+        o = o < qmin ? qmin : (o > qmax ? qmax : o);
+        out[i] = Out(o);
+      }
+    }
+  }
+}
+TM_CLONES(i_layernorm_body)
+
+template <typename Fn>
+void with_int_type(at::ScalarType t, Fn fn) {
+  switch (t) {
+    case at::kChar: fn(int8_t(0)); break;
+    case at::kShort: fn(int16_t(0)); break;
+    default: fn(int32_t(0)); break;
+  }
+}
+
+int64_t row_grain(int64_t d, int64_t work = 16384) { return std::max<int64_t>(1, work / std::max<int64_t>(d, 1)); }
+
 at::Tensor isqrt_cpu(const at::Tensor& x) {
   check_int(x, "isqrt", {at::kInt, at::kLong}, "torch.int32 or torch.int64");
   const std::vector<int64_t> in = as_i64(x);
@@ -106,9 +403,15 @@ at::Tensor i_exp_cpu(const at::Tensor& x, double scale, std::string method) {
   check_scale(scale, "i_exp");
   const ExpConsts k = exp_consts(scale, parse_method(method, "i_exp"));
   check_exp(scale, k, "i_exp");
-  return map_rows(x, at::kInt, [&](const int64_t* in, int64_t* out, int64_t d) {
-    for (int64_t i = 0; i < d; ++i) out[i] = exp_core(in[i], k);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  with_int_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = xc.data_ptr<T>();
+    at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) { TM_DISPATCH(i_exp_body, ip, op, b, e, &k); });
   });
+  return out;
 }
 
 at::Tensor shiftmax_cpu(const at::Tensor& x, double scale, int64_t out_bits, std::string method) {
@@ -116,24 +419,26 @@ at::Tensor shiftmax_cpu(const at::Tensor& x, double scale, int64_t out_bits, std
   check_scale(scale, "shiftmax", std::ldexp(1.0, -20));
   const ExpConsts k = exp_consts(scale, parse_method(method, "shiftmax"));
   TORCH_CHECK_VALUE(out_bits >= 2 && out_bits <= 16, "shiftmax: out_bits must be an int in [2, 16]; got ", out_bits);
-  const int64_t top = (int64_t(1) << (out_bits - 1)) - 1;
-  return map_rows(x, out_bits <= 8 ? at::kChar : at::kShort, [&](const int64_t* in, int64_t* out, int64_t d) {
-    int64_t m = in[0];
-    for (int64_t i = 1; i < d; ++i) m = std::max(m, in[i]);
-    int64_t sum = 0;
-    for (int64_t i = 0; i < d; ++i) sum += (out[i] = exp_core(in[i] - m, k));
-    const int64_t factor = (int64_t(1) << 62) / sum;
-    const int64_t half = int64_t(1) << (62 - out_bits);
-    for (int64_t i = 0; i < d; ++i) out[i] = std::min((out[i] * factor + half) >> (63 - out_bits), top);
+  const at::Tensor xc = x.contiguous();
+  const at::ScalarType ot = out_bits <= 8 ? at::kChar : at::kShort;
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(ot));
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  if (rows == 0) return out;
+  with_int_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = xc.data_ptr<T>();
+    at::parallel_for(0, rows, row_grain(d), [&](int64_t b, int64_t e) {
+      std::vector<int64_t> buf(d);  // one scratch row per chunk: e stays in L1/L2 between the two passes
+      if (ot == at::kChar) {
+        int8_t* op = out.data_ptr<int8_t>();
+        TM_DISPATCH(shiftmax_body, ip, op, d, b, e, &k, out_bits, buf.data());
+      } else {
+        int16_t* op = out.data_ptr<int16_t>();
+        TM_DISPATCH(shiftmax_body, ip, op, d, b, e, &k, out_bits, buf.data());
+      }
+    });
   });
-}
-
-// I-ViT int_exp_shift with n = 23; positive x only occurs in the published exp(-x_max) term.
-int64_t gelu_exp(int64_t x, int64_t x0, bool published) {
-  x = published ? x + (x >> 1) - (x >> 4) : x * 23;
-  x = std::max(x, kGeluN * x0);
-  const int64_t q = floor_div(x, x0), r = x - x0 * q;
-  return ((r - 2 * x0) << std::min<int64_t>(kGeluN - q, 40)) >> 1;
+  return out;
 }
 
 at::Tensor shift_gelu_cpu(const at::Tensor& x, double scale, int64_t sigmoid_bits, bool published) {
@@ -142,20 +447,26 @@ at::Tensor shift_gelu_cpu(const at::Tensor& x, double scale, int64_t sigmoid_bit
   TORCH_CHECK_VALUE(sigmoid_bits >= 2 && sigmoid_bits <= 16, "shift_gelu: sigmoid_bits must be an int in [2, 16]; got ",
                     sigmoid_bits);
   const int64_t x0 = int64_t(std::floor((published ? -1.0 : -16.0) / (scale * 1.702)));
-  const int64_t half = int64_t(1) << (62 - sigmoid_bits);
-  const int64_t top = (int64_t(1) << (sigmoid_bits - 1)) - 1, cap31 = (int64_t(1) << 31) - 1;
-  return map_rows(x, at::kInt, [&](const int64_t* in, int64_t* out, int64_t d) {
-    int64_t row_max = in[0];
-    for (int64_t i = 1; i < d; ++i) row_max = std::max(row_max, in[i]);
-    for (int64_t i = 0; i < d; ++i) {
-      const int64_t m = published ? row_max : std::max<int64_t>(in[i], 0);
-      const int64_t e = gelu_exp(in[i] - m, x0, published), e_m = gelu_exp(-m, x0, published);
-      int64_t sig;
-      if (published) sig = (e * (cap31 / std::min(e + e_m, cap31))) >> (32 - sigmoid_bits);
-      else sig = (e * ((int64_t(1) << 62) / (e + e_m)) + half) >> (63 - sigmoid_bits);
-      out[i] = in[i] * std::min(sig, top);
-    }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  if (rows == 0) return out;
+  with_int_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = xc.data_ptr<T>();
+    if (published)
+      at::parallel_for(0, rows, row_grain(d), [&](int64_t b, int64_t e) {
+        TM_DISPATCH(shift_gelu_pub_body, ip, op, d, b, e, x0, sigmoid_bits);
+      });
+    else
+      at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
+        if (vec_level() == 2) shift_gelu_zmm(ip, op, b, e, x0, sigmoid_bits);
+        else if (vec_level() == 1) shift_gelu_body_avx2(ip, op, b, e, x0, sigmoid_bits);
+        else shift_gelu_body_scalar(ip, op, b, e, x0, sigmoid_bits);
+      });
   });
+  return out;
 }
 
 at::Tensor i_gelu_cpu(const at::Tensor& x, double scale) {
@@ -164,16 +475,16 @@ at::Tensor i_gelu_cpu(const at::Tensor& x, double scale) {
   const double s = scale / std::sqrt(2.0);
   const int64_t b = int64_t(std::floor(kErfB / s)), c = int64_t(std::floor(1.0 / kErfA / (s * s)));
   const double sig_scale = -(s * s) * kErfA * 16384.0;
-  const int64_t one = int64_t(std::floor(1.0 / sig_scale));
-  const int64_t lo = -(int64_t(1) << 31), hi = (int64_t(1) << 31) - 1;
-  return map_rows(x, at::kInt, [&](const int64_t* in, int64_t* out, int64_t d) {
-    for (int64_t i = 0; i < d; ++i) {
-      const int64_t v = in[i], a = std::min<int64_t>(std::llabs(v), -b);
-      const int64_t mag = (-((a + b) * (a + b) + c)) >> kGeluShift;
-      const int64_t erf = v > 0 ? mag : (v < 0 ? -mag : 0);
-      out[i] = saturate(v * (erf + one), lo, hi);
-    }
+  const GeluConsts g{b, c, int64_t(std::floor(1.0 / sig_scale))};
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  with_int_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = xc.data_ptr<T>();
+    at::parallel_for(0, xc.numel(), 16384, [&](int64_t bb, int64_t e) { TM_DISPATCH(i_gelu_body, ip, op, bb, e, &g); });
   });
+  return out;
 }
 
 at::Tensor i_layernorm_cpu(const at::Tensor& x, const at::Tensor& multiplier, const at::Tensor& shift,
@@ -191,18 +502,27 @@ at::Tensor i_layernorm_cpu(const at::Tensor& x, const at::Tensor& multiplier, co
                     ": out_dtype must be torch.int8 or torch.int16; got ", out_dtype);
   const std::vector<int64_t> mult = as_i64(multiplier), sh = as_i64(shift), bs = as_i64(bias);
   for (int64_t v : sh) TORCH_CHECK_VALUE(v >= 0 && v <= 62, op, ": shift must be in [0, 62]");
-  const int64_t q = out_dtype == at::kShort ? 32767 : 127;
-  return map_rows(x, out_dtype, [&](const int64_t* in, int64_t* out, int64_t d) {
-    int64_t sum = 0, sq = 0;
-    for (int64_t i = 0; i < d; ++i) sum += in[i], sq += in[i] * in[i];
-    const int64_t v = d * sq - sum * sum;  // D²·var, exact
-    const int k = std::max(0, (62 - bit_length(uint64_t(v))) >> 1);
-    const int64_t sigma = isqrt64(v << (2 * k));
-    for (int64_t i = 0; i < d; ++i) {
-      const int64_t y_hat = v > 0 ? floor_div((d * in[i] - sum) * (int64_t(1) << (k + kLnFracBits)), sigma) : 0;
-      out[i] = saturate(round_shift(y_hat * mult[i], int(sh[i])) + bs[i], -q - 1, q);
-    }
+  std::vector<int64_t> rnd(sh.size());
+  for (size_t i = 0; i < sh.size(); ++i) rnd[i] = sh[i] ? int64_t(1) << (sh[i] - 1) : 0;
+  const LnParams p{mult.data(), sh.data(), rnd.data(), bs.data(), out_dtype == at::kShort ? 32767 : 127};
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  const int64_t rows = D ? x.numel() / D : 0;
+  if (rows == 0) return out;
+  with_int_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ip = xc.data_ptr<T>();
+    at::parallel_for(0, rows, row_grain(D), [&](int64_t b, int64_t e) {
+      if (out_dtype == at::kChar) {
+        int8_t* o = out.data_ptr<int8_t>();
+        TM_DISPATCH(i_layernorm_body, ip, o, D, b, e, &p);
+      } else {
+        int16_t* o = out.data_ptr<int16_t>();
+        TM_DISPATCH(i_layernorm_body, ip, o, D, b, e, &p);
+      }
+    });
   });
+  return out;
 }
 
 }  // namespace

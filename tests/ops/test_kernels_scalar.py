@@ -87,3 +87,43 @@ def test_reference_fallback_without_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.fixture(params=["auto", "scalar", "avx2"])
+def any_isa(request):
+    try:
+        previous = ops.set_cpu_isa(request.param)
+    except ValueError:
+        pytest.skip(f"CPU lacks {request.param}")
+    yield request.param
+    ops.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 15, 17, 33, 130])
+def test_vector_tails_and_extremes(any_isa, d):
+    """Vectorised bodies (8/16 lanes) with row lengths off the lane count, int16/int8 extremes and saturation."""
+    g = torch.Generator().manual_seed(d)
+    x16 = torch.randint(-(2**15), 2**15, (5, d), dtype=torch.int16, generator=g)
+    x16[0, :] = -(2**15)
+    x16[1, ::2] = 2**15 - 1
+    x8 = torch.randint(-128, 128, (5, d), dtype=torch.int8, generator=g)
+    x8[2, :] = 127
+    x32 = x16.int() * 65536 + 32767
+    mult, shift = quant.dyadic_multiplier(torch.rand(d, dtype=torch.float64, generator=g) * 10)
+    shift[0] = 0
+    bias = torch.randint(-(2**31), 2**31 - 1, (d,), dtype=torch.int32, generator=g)
+    cases = [("i_exp", (x16, 0.05, "shift")), ("i_exp", (x8, 0.5, "poly")), ("i_exp", (x32, 1e-3, "poly")),
+             ("shiftmax", (x16, 1e-3, 8, "shift")), ("shiftmax", (x8, 2e-6, 16, "shift")),
+             ("shiftmax", (x32, 1e-4, 12, "poly")), ("shiftmax", (x16, 0.3, 2, "shift")),
+             ("shift_gelu", (x16, 2.0**-13, 16, False)), ("shift_gelu", (x8, 0.5, 2, False)),
+             ("shift_gelu", (x16, 1e-3, 8, True)), ("shift_gelu", (x8, 0.05, 16, True)),
+             ("i_gelu", (x32, 1e-5)), ("i_gelu", (x16, 0.05)), ("i_gelu", (x8, 3.0)),
+             ("i_layernorm", (x16, mult, shift, bias, torch.int16)), ("i_layernorm", (x8, mult, shift, bias, torch.int8))]
+    for name, args in cases:
+        got = getattr(torch.ops.torchmerge, name)(*args)
+        assert torch.equal(got, getattr(nl, f"{name}_reference")(*args)), (name, args[1:2])
+    v = torch.randint(-(2**31), 2**31 - 1, (5, d), dtype=torch.int32, generator=g)
+    v[0, 0], v[1, 0] = -(2**31), 2**31 - 1
+    for out_dtype in (torch.int8, torch.int16):
+        for m, s in ((mult, shift), (mult[:1], shift[:1])):
+            assert torch.equal(intlinear.requantize(v, m, s, out_dtype), intlinear.requantize_reference(v, m, s, out_dtype))
