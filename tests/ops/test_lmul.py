@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import torchmerge.ops as ops
 from torchmerge.ops.lmul import (
     default_offset_exp,
     lmul,
@@ -18,28 +17,6 @@ from torchmerge.ops.lmul import (
 )
 
 INF, NAN = math.inf, math.nan
-
-
-def _isas():
-    if not ops.native_available():
-        return ["auto"]
-    out = []
-    for isa in ("avx512", "avx2", "scalar"):
-        try:
-            ops.set_cpu_isa(isa)
-            out.append(isa)
-        except (ValueError, RuntimeError):
-            pass
-        finally:
-            ops.set_cpu_isa("auto")
-    return out
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    previous = ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa(previous)
 
 
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import torchmerge.ops as ops
 from torchmerge.ops.lut import build_tables, lut_linear, lut_linear_reference, quantize_tables
 from torchmerge.ops.lut_pack import (
     dequantize_lut_weights,
@@ -16,28 +15,6 @@ from torchmerge.ops.lut_pack import (
     row_of_position,
     unpack_codes,
 )
-
-
-def _isas():
-    if not ops.native_available():
-        return ["auto"]
-    out = []
-    for isa in ("avx512", "avx2", "scalar"):
-        try:
-            ops.set_cpu_isa(isa)
-            out.append(isa)
-        except (ValueError, RuntimeError):
-            pass
-        finally:
-            ops.set_cpu_isa("auto")
-    return out
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    previous = ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa(previous)
 
 
 def _data(n, k, m=3, seed=0):

@@ -5,23 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchmerge import ops
 from torchmerge.ops import merge_kernels as mk
-
-ISAS = ["auto", "avx2", "scalar"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not ops.native_available():
-        pytest.skip("native kernels not built")
-    try:
-        previous = ops.set_cpu_isa(request.param)
-    except RuntimeError as e:  # this CPU lacks the ISA
-        pytest.skip(str(e))
-    yield request.param
-    ops.set_cpu_isa(previous)
-
 
 def _pair(n: int, e_dtype, b_dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import registry
 from .base import MergeError, Experts, ExpertTensor, TensorInputs
-from .io import TensorSource, copy_config_files, open_model, SafetensorsSource
+from .io import TensorSource, copy_config_files, open_model
 from .plan import Job, Plan, build_plan, resolve
 from .spec import MergeSpec
 from .writer import OutTensor, ShardedWriter, parse_size, sha256_file
@@ -278,7 +278,7 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
             for job in tqdm(plan.jobs, **progress):
                 writer.write(job.out_name, runner.finish_one(job))
                 runner.release()
-            copied = copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
+            copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
             _fix_config(writer.tmp, plan)
             (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())
             writer.close_shards()  # the index and every other output file exist before they are hashed

@@ -6,7 +6,6 @@ computed in float32.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch

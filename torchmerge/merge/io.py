@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
 from .base import MergeError
 
