@@ -72,3 +72,45 @@ def test_lut_group_that_does_not_divide_is_a_named_error():
                                         r"in_features divisible by group 32, got 40"):
         PassPipeline([FoldConstants(), LowerLUT(PrecisionPlan({"addmm": "lut(4)"}))])(gm)
     assert issubclass(NodeError, RuntimeError)
+
+
+class SharedInput(nn.Module):
+    """Three linears reading one input (like Q, K, V) and one reading their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.out = nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(self.q(x) + self.k(x) * self.v(x))
+
+
+def _outlier_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 16, 64, generator=g) * (1 + 20 * (torch.arange(64) % 16 == 3))  # salient channels
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_lut_calibration_lowers_output_error_and_shares_one_scale(method):
+    """Calibrated on one batch (AWQ scales + output-error grids, GPTQ codes), measured on another."""
+    model, cal, held_out = SharedInput().eval(), _outlier_batch(1), _outlier_batch(2)
+    plan = PrecisionPlan({"@linear": "lut(4,32)"})
+    errors = {}
+    for calibration in ((), ((cal,),)):
+        gm = capture(model, (cal,))
+        lut = LowerLUT(plan, calibration=calibration, method=method)
+        PassPipeline([FoldConstants(), lut, DeadCodeElimination()])(gm)
+        targets = _targets(gm)
+        assert targets.count("torchmerge.lut_linear.default") == 4
+        assert targets.count("aten.mul.Tensor") == 1 + (2 if calibration else 0)  # k*v, one x/s per input
+        with torch.no_grad():
+            errors[bool(calibration)] = (gm(held_out)[0] - model(held_out)).pow(2).mean().item()
+    assert errors[True] < 0.7 * errors[False], errors
+    assert LowerLUT(plan, calibration=((cal,),)).uuid() != LowerLUT(plan, calibration=((held_out,),)).uuid()
+    assert LowerLUT(plan, calibration=((cal,),)).uuid() == LowerLUT(plan, calibration=((cal.clone(),),)).uuid()
+
+
+def test_lut_calibration_method_is_checked():
+    with pytest.raises(ValueError, match=r"lower_lut: method='fast'; valid: gptq, awq"):
+        LowerLUT(PrecisionPlan({"@linear": "lut(4)"}), method="fast")

@@ -25,8 +25,9 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..graph.pass_base import GraphPass
 from ..graph.pipeline import PassPipeline, PipelineOptions
 from ..passes import DeadCodeElimination, FoldBatchNorm, FoldConstants, FoldLoRA, FoldMergedWeights
-from ..passes.calibrate import Calibrate, graph_args
+from ..passes.calibrate import Calibrate, CalibrationData, graph_args
 from ..passes.lower_int8 import LowerInt8
+from ..passes.lower_lut import LowerLUT
 from ..passes.lowering import lowering_passes
 from ..precision.plan import PrecisionPlan
 
@@ -45,7 +46,7 @@ class CompileOptions:
     passes: tuple[GraphPass, ...] | None = None
     inner: str = "inductor"
     dump_dir: str | Path | None = None
-    calibration: tuple | None = None  # int8: batches (tuples of the model's tensor inputs); default: the call's inputs
+    calibration: tuple | None = None  # int8, lut: batches (tuples of the model's tensor inputs); int8 default: the call's inputs
 
     def __post_init__(self):
         if self.inner not in INNER:
@@ -65,8 +66,8 @@ class CompileOptions:
             raise BackendOptionError(f"torchmerge backend: unknown option '{unknown[0]}'; valid: {', '.join(valid)}")
         if merged.get("passes") is not None:
             merged["passes"] = tuple(merged["passes"])
-        if merged.get("calibration") is not None:
-            merged["calibration"] = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in merged["calibration"])
+        if merged.get("calibration") is not None:  # a CalibrationData or a list of batches (tuples of tensors)
+            merged["calibration"] = CalibrationData(merged["calibration"]).batches
         return cls(**merged)
 
 
@@ -76,6 +77,9 @@ def default_passes(plan: PrecisionPlan | None = None, calibration: tuple | None 
     lowerings = lowering_passes(plan)
     if calibration and any(isinstance(p, LowerInt8) for p in lowerings):
         lowerings = [Calibrate(tuple(calibration)), *lowerings]
+    if calibration:  # lut: quantise for the layers' outputs on these batches (AWQ scales, GPTQ codes)
+        lowerings = [dataclasses.replace(p, calibration=tuple(calibration)) if isinstance(p, LowerLUT) else p
+                     for p in lowerings]
     tail = [FoldConstants()] if lowerings else []
     return [FoldMergedWeights(), FoldLoRA(), FoldBatchNorm(), FoldConstants(), *lowerings, *tail,
             DeadCodeElimination()]
@@ -143,7 +147,10 @@ def torchmerge_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], option
 
 
 def _needs_calibration(opts: CompileOptions) -> bool:
-    return opts.passes is None and opts.plan is not None and any(p.kind == "int8" for p in opts.plan.entries.values())
+    kinds = {p.kind for p in opts.plan.entries.values()} if opts.plan is not None else set()
+    # int8 needs ranges (default: this call's inputs); lut calibrates only on explicit batches (a first call's
+    # few rows would overfit GPTQ; without calibration it rounds weights alone)
+    return opts.passes is None and ("int8" in kinds or ("lut" in kinds and bool(opts.calibration)))
 
 
 def _freeze_params(fw_gm: fx.GraphModule, real: list, meta) -> list[int] | None:
