@@ -99,8 +99,11 @@ def test_backend_name_resolves_when_installed():
 
 
 def test_bad_options_are_one_line():
-    with pytest.raises(BackendOptionError, match=r"unknown option 'plna'; valid: plan, passes, inner, dump_dir$"):
+    with pytest.raises(BackendOptionError) as err:
         CompileOptions.from_any({"plna": None})
+    message = str(err.value)
+    assert "\n" not in message and "unknown option 'plna'; valid: " in message
+    assert {"plan", "passes", "inner", "dump_dir"} <= set(message.split("valid: ")[1].split(", "))
     with pytest.raises(BackendOptionError, match=r"inner='tvm'; valid: inductor, eager"):
         CompileOptions(inner="tvm")
     with pytest.raises(BackendOptionError, match=r"plan is a dict; valid: a torchmerge.precision.plan.PrecisionPlan"):
