@@ -21,7 +21,7 @@ from torchmerge.graph import PassPipeline, capture
 from torchmerge.passes import DeadCodeElimination, FoldConstants
 from torchmerge.passes.lower_lut import LowerLUT
 from torchmerge.passes.lowering import lowering_passes
-from torchmerge.precision.plan import PrecisionPlan, module_paths
+from torchmerge.precision.plan import PrecisionPlan
 
 SENTENCES = [
     "The cat sat on the mat.", "A quick brown fox jumps over the lazy dog.", "Stock markets fell sharply today.",
@@ -127,12 +127,11 @@ def test_lut_4bit_group32_on_all_linear_layers(minilm):
     gm, calibration = minilm[0], minilm[3]
     plan = PrecisionPlan({"@linear": "lut(bits=4,group=32)"})
     assert len([p for p in plan.resolve(gm).values() if p.kind == "lut"]) == 36
-    got = {int8: _min_cosine(minilm, plan, [LowerLUT(plan, int8_tables=int8, calibration=(calibration,))])
-           for int8 in (False, True)}
-    print(f"MiniLM LUT 4-bit/32, all 36 linear layers, calibrated: min cosine {got[False]:.4f} (fp32 tables), "
-          f"{got[True]:.4f} (int8 tables)")
-    assert got[False] >= 0.98
-    assert got[True] >= 0.98  # int8 tables add activation rounding on top
+    # One calibrated run (fp32 tables): calibration dominates this test's time. int8 tables measured
+    # 0.984 too (module docstring); their error bound is tested at the op level (tests/ops/test_lut.py).
+    got = _min_cosine(minilm, plan, [LowerLUT(plan, calibration=(calibration,))])
+    print(f"MiniLM LUT 4-bit/32, all 36 linear layers, calibrated: min cosine {got:.4f} (fp32 tables)")
+    assert got >= 0.98
 
 
 @pytest.mark.slow
