@@ -210,6 +210,77 @@ TM_INLINE void shiftmax_body(const In* __restrict x, Out* __restrict y, int64_t 
 }
 TM_CLONES(shiftmax_body)
 
+// Hand-written AVX-512 Shiftmax for int8/int16 logits and method="shift" with |x0| < 2^16: every step of
+// exp_core fits 32-bit lanes (23·(x - max) ≥ -1.5M, clamp 15·x0 > -2^20 is exact in float, (r - 2·x0) << (15 - q)
+// < 2^32 is shifted right logically), so 16 lanes per instruction; Σe and e·factor use 64-bit lanes.
+// Pass 1: row max; pass 2: e (int32, kept in the L1-resident scratch row) and Σe; pass 3: normalise.
+TM_AVX512 inline __m512i load16_i32(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+TM_AVX512 inline __m512i load16_i32(const int16_t* p) { return _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)p)); }
+TM_AVX512 inline void store8(int8_t* p, __m512i v) { _mm_storel_epi64((__m128i*)p, _mm512_cvtepi64_epi8(v)); }
+TM_AVX512 inline void store8(int16_t* p, __m512i v) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi64_epi16(v)); }
+
+TM_AVX512 inline __m512i shift_exp16(__m512i xm, __m512i lo, __m512i x0v, __m512i twox0, __m512 inv) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i z = _mm512_max_epi32(_mm512_mullo_epi32(xm, _mm512_set1_epi32(23)), lo);
+  __m512i q = _mm512_cvttps_epi32(
+      _mm512_roundscale_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(z), inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+  __m512i r = _mm512_sub_epi32(z, _mm512_mullo_epi32(q, x0v));
+  const __mmask16 up = _mm512_cmpgt_epi32_mask(r, _mm512_setzero_si512()), dn = _mm512_cmple_epi32_mask(r, x0v);
+  q = _mm512_mask_add_epi32(_mm512_mask_sub_epi32(q, up, q, one), dn, q, one);
+  r = _mm512_mask_sub_epi32(_mm512_mask_add_epi32(r, up, r, x0v), dn, r, x0v);
+  return _mm512_srli_epi32(_mm512_sllv_epi32(_mm512_sub_epi32(r, twox0), _mm512_sub_epi32(_mm512_set1_epi32(kShiftN), q)), 1);
+}
+
+template <typename In, typename Out>
+TM_AVX512 void shiftmax_zmm(const In* __restrict x, Out* __restrict y, int64_t d, int64_t rb, int64_t re,
+                            const ExpConsts* kp, int64_t out_bits, int32_t* __restrict e) {
+  const int32_t x0 = int32_t(kp->x0);
+  const __m512i lo = _mm512_set1_epi32(kShiftN * x0), x0v = _mm512_set1_epi32(x0), twox0 = _mm512_set1_epi32(2 * x0);
+  const __m512 inv = _mm512_set1_ps(1.0f / float(x0));  // exact-enough estimate: q ∈ [0, 15], fixed up above
+  const int64_t top = (int64_t(1) << (out_bits - 1)) - 1, half = int64_t(1) << (62 - out_bits);
+  const __m512i topv = _mm512_set1_epi64(top), halfv = _mm512_set1_epi64(half);
+  const __m128i sh = _mm_cvtsi64_si128(63 - out_bits);
+  const int64_t d16 = d / 16 * 16, d8 = d / 8 * 8;
+  for (int64_t row = rb; row < re; ++row) {
+    const In* __restrict in = x + row * d;
+    Out* __restrict out = y + row * d;
+    int32_t m = in[0];
+    {
+      __m512i mv = _mm512_set1_epi32(m);
+      for (int64_t i = 0; i < d16; i += 16) mv = _mm512_max_epi32(mv, load16_i32(in + i));
+      m = _mm512_reduce_max_epi32(mv);
+      for (int64_t i = d16; i < d; ++i) m = in[i] > m ? int32_t(in[i]) : m;
+    }
+    const __m512i mv = _mm512_set1_epi32(m);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < d16; i += 16) {
+      const __m512i ev = shift_exp16(_mm512_sub_epi32(load16_i32(in + i), mv), lo, x0v, twox0, inv);
+      _mm512_storeu_si512(e + i, ev);
+      acc = _mm512_add_epi64(acc, _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(ev)),
+                                                   _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(ev, 1))));
+    }
+    int64_t sum = _mm512_reduce_add_epi64(acc);
+    if (d16 < d) {  // tail: zero-padded 16-lane block, the pad lanes are excluded from the sum
+      alignas(64) int32_t tmp[16] = {0};
+      for (int64_t i = d16; i < d; ++i) tmp[i - d16] = int32_t(in[i]) - m;
+      alignas(64) int32_t et[16];
+      _mm512_store_si512(et, shift_exp16(_mm512_load_si512(tmp), lo, x0v, twox0, inv));
+      for (int64_t i = d16; i < d; ++i) sum += (e[i] = et[i - d16]);
+    }
+    const __m512i fv = _mm512_set1_epi64((int64_t(1) << 62) / sum);
+    for (int64_t i = 0; i < d8; i += 8) {
+      const __m512i ev = _mm512_cvtepu32_epi64(_mm256_loadu_si256((const __m256i*)(e + i)));
+      const __m512i v = _mm512_sra_epi64(_mm512_add_epi64(_mm512_mullo_epi64(ev, fv), halfv), sh);
+      store8(out + i, _mm512_min_epi64(v, topv));
+    }
+    const int64_t factor = (int64_t(1) << 62) / sum;
+    for (int64_t i = d8; i < d; ++i) {
+      const int64_t v = (int64_t(uint32_t(e[i])) * factor + half) >> (63 - out_bits);
+      out[i] = Out(v < top ? v : top);
+    }
+  }
+}
+
 // Corrected ShiftGELU: with m = max(x, 0) one of the two exponentials is e(0) = E0, the other t = e(-|x|).
 template <typename In>
 TM_INLINE void shift_gelu_body(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, int64_t x0,
@@ -374,6 +445,71 @@ TM_INLINE void i_layernorm_body(const In* __restrict x, Out* __restrict y, int64
 }
 TM_CLONES(i_layernorm_body)
 
+// Hand-written AVX-512 I-LayerNorm for int8/int16 rows: Σx (32-bit lanes) and Σx² (64-bit lanes) in one pass,
+// then 8 int64 lanes per step: y = D·x - S, ŷ = floor(y·2^(k+12) / σ) by a double estimate (y is exact in double,
+// the quotient is < 2^21) and an exact int64 remainder fix-up, then the per-channel dyadic requantisation.
+TM_AVX512 inline __m512i load8_x(const int8_t* p) { return load8_i64(p); }
+TM_AVX512 inline __m512i load8_x(const int16_t* p) { return load8_i64(p); }
+
+template <typename In, typename Out>
+TM_AVX512 void i_layernorm_zmm(const In* __restrict x, Out* __restrict y, int64_t d, int64_t rb, int64_t re,
+                               const LnParams* pp) {
+  const int64_t* __restrict mult = pp->mult;
+  const int64_t* __restrict shv = pp->shift;
+  const int64_t* __restrict rnd = pp->rnd;
+  const int64_t* __restrict bias = pp->bias;
+  const int64_t qmax = pp->q, qmin = -pp->q - 1;
+  const __m512i qmaxv = _mm512_set1_epi64(qmax), qminv = _mm512_set1_epi64(qmin), one = _mm512_set1_epi64(1);
+  const __m512i zero = _mm512_setzero_si512(), dv = _mm512_set1_epi64(d);
+  const int64_t d16 = d / 16 * 16, d8 = d / 8 * 8;
+  for (int64_t row = rb; row < re; ++row) {
+    const In* __restrict in = x + row * d;
+    Out* __restrict out = y + row * d;
+    __m512i s32 = zero, s64 = zero;
+    for (int64_t i = 0; i < d16; i += 16) {
+      const __m512i v = load16_i32(in + i), vv = _mm512_mullo_epi32(v, v);  // ≤ 2^30
+      s32 = _mm512_add_epi32(s32, v);
+      s64 = _mm512_add_epi64(s64, _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(vv)),
+                                                   _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(vv, 1))));
+    }
+    int64_t sum = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(s32)),
+                                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s32, 1))));
+    int64_t sq = _mm512_reduce_add_epi64(s64);
+    for (int64_t i = d16; i < d; ++i) sum += in[i], sq += int64_t(in[i]) * in[i];
+    const int64_t v = d * sq - sum * sum;
+    if (v <= 0) {
+      for (int64_t i = 0; i < d; ++i) out[i] = Out(bias[i] < qmin ? qmin : (bias[i] > qmax ? qmax : bias[i]));
+      continue;
+    }
+    const int k = std::max(0, (62 - bit_length(uint64_t(v))) >> 1);
+    const int64_t sigma = isqrt64(v << (2 * k));
+    const double c = std::ldexp(1.0, k + kLnFracBits) / double(sigma);
+    const __m512i sumv = _mm512_set1_epi64(sum), sigv = _mm512_set1_epi64(sigma);
+    const __m128i kk = _mm_cvtsi64_si128(k + kLnFracBits);
+    const __m512d cv = _mm512_set1_pd(c);
+    for (int64_t i = 0; i < d8; i += 8) {
+      const __m512i yv = _mm512_sub_epi64(_mm512_mullo_epi64(load8_x(in + i), dv), sumv);
+      const __m512i num = _mm512_sll_epi64(yv, kk);
+      __m512i q = _mm512_cvttpd_epi64(
+          _mm512_roundscale_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(yv), cv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+      const __m512i r = _mm512_sub_epi64(num, _mm512_mullo_epi64(q, sigv));
+      q = _mm512_mask_add_epi64(_mm512_mask_sub_epi64(q, _mm512_cmplt_epi64_mask(r, zero), q, one),
+                                _mm512_cmpge_epi64_mask(r, sigv), q, one);
+      __m512i o = _mm512_mullo_epi64(q, _mm512_loadu_si512(mult + i));
+      o = _mm512_srav_epi64(_mm512_add_epi64(o, _mm512_loadu_si512(rnd + i)), _mm512_loadu_si512(shv + i));
+      o = _mm512_add_epi64(o, _mm512_loadu_si512(bias + i));
+      o = _mm512_min_epi64(_mm512_max_epi64(o, qminv), qmaxv);
+      store8(out + i, o);
+    }
+    const int64_t scale = int64_t(1) << (k + kLnFracBits);
+    for (int64_t i = d8; i < d; ++i) {
+      const int64_t yh = floor_div((d * int64_t(in[i]) - sum) * scale, sigma);
+      const int64_t o = ((yh * mult[i] + rnd[i]) >> shv[i]) + bias[i];
+      out[i] = Out(o < qmin ? qmin : (o > qmax ? qmax : o));
+    }
+  }
+}
+
 template <typename Fn>
 void with_int_type(at::ScalarType t, Fn fn) {
   switch (t) {
@@ -424,11 +560,20 @@ at::Tensor shiftmax_cpu(const at::Tensor& x, double scale, int64_t out_bits, std
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(ot));
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   if (rows == 0) return out;
+  const bool zmm = vec_level() == 2 && k.shift && -k.x0 < (int64_t(1) << 16) && x.scalar_type() != at::kInt;
   with_int_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* ip = xc.data_ptr<T>();
     at::parallel_for(0, rows, row_grain(d), [&](int64_t b, int64_t e) {
       std::vector<int64_t> buf(d);  // one scratch row per chunk: e stays in L1/L2 between the two passes
+      if (zmm) {
+        if constexpr (sizeof(T) <= 2) {
+          int32_t* eb = reinterpret_cast<int32_t*>(buf.data());
+          if (ot == at::kChar) shiftmax_zmm(ip, out.data_ptr<int8_t>(), d, b, e, &k, out_bits, eb);
+          else shiftmax_zmm(ip, out.data_ptr<int16_t>(), d, b, e, &k, out_bits, eb);
+          return;
+        }
+      }
       if (ot == at::kChar) {
         int8_t* op = out.data_ptr<int8_t>();
         TM_DISPATCH(shiftmax_body, ip, op, d, b, e, &k, out_bits, buf.data());
@@ -513,6 +658,13 @@ at::Tensor i_layernorm_cpu(const at::Tensor& x, const at::Tensor& multiplier, co
     using T = decltype(tag);
     const T* ip = xc.data_ptr<T>();
     at::parallel_for(0, rows, row_grain(D), [&](int64_t b, int64_t e) {
+      if (vec_level() == 2) {
+        if constexpr (sizeof(T) <= 2) {
+          if (out_dtype == at::kChar) i_layernorm_zmm(ip, out.data_ptr<int8_t>(), D, b, e, &p);
+          else i_layernorm_zmm(ip, out.data_ptr<int16_t>(), D, b, e, &p);
+          return;
+        }
+      }
       if (out_dtype == at::kChar) {
         int8_t* o = out.data_ptr<int8_t>();
         TM_DISPATCH(i_layernorm_body, ip, o, D, b, e, &p);

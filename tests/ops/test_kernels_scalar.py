@@ -115,6 +115,7 @@ def test_vector_tails_and_extremes(any_isa, d):
     cases = [("i_exp", (x16, 0.05, "shift")), ("i_exp", (x8, 0.5, "poly")), ("i_exp", (x32, 1e-3, "poly")),
              ("shiftmax", (x16, 1e-3, 8, "shift")), ("shiftmax", (x8, 2e-6, 16, "shift")),
              ("shiftmax", (x32, 1e-4, 12, "poly")), ("shiftmax", (x16, 0.3, 2, "shift")),
+             ("shiftmax", (x16, 16 / 65535, 16, "shift")), ("shiftmax", (x8, 16 / 65536.5, 8, "shift")),
              ("shift_gelu", (x16, 2.0**-13, 16, False)), ("shift_gelu", (x8, 0.5, 2, False)),
              ("shift_gelu", (x16, 1e-3, 8, True)), ("shift_gelu", (x8, 0.05, 16, True)),
              ("i_gelu", (x32, 1e-5)), ("i_gelu", (x16, 0.05)), ("i_gelu", (x8, 3.0)),
