@@ -110,6 +110,11 @@ int64_t gelu_exp(int64_t x, int64_t x0, bool published) {
 #define TM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define TM_AVX2 __attribute__((target("avx2,fma")))
 
+// Sign-extending 8-lane loads for the hand-written AVX-512 bodies.
+TM_AVX512 inline __m512i load8_i64(const int8_t* p) { return _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i*)p)); }
+TM_AVX512 inline __m512i load8_i64(const int16_t* p) { return _mm512_cvtepi16_epi64(_mm_loadu_si128((const __m128i*)p)); }
+TM_AVX512 inline __m512i load8_i64(const int32_t* p) { return _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i*)p)); }
+
 // Clone fn (an always-inline template whose template arguments are deduced from its arguments) per ISA.
 #define TM_CLONES(fn)                                                       \
   template <typename... A> TM_AVX512 void fn##_avx512(A... a) { fn(a...); } \
@@ -231,6 +236,20 @@ TM_AVX512 inline __m512i shift_exp16(__m512i xm, __m512i lo, __m512i x0v, __m512
   return _mm512_srli_epi32(_mm512_sllv_epi32(_mm512_sub_epi32(r, twox0), _mm512_sub_epi32(_mm512_set1_epi32(kShiftN), q)), 1);
 }
 
+// i_exp, method="shift", int8/int16 input: 16 lanes of shift_exp16 (check_exp guarantees |x0|·2^15 < 2^31).
+template <typename In>
+TM_AVX512 void i_exp_zmm(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, const ExpConsts* kp) {
+  const int32_t x0 = int32_t(kp->x0);
+  const __m512i lo = _mm512_set1_epi32(kShiftN * x0), x0v = _mm512_set1_epi32(x0), twox0 = _mm512_set1_epi32(2 * x0);
+  const __m512 inv = _mm512_set1_ps(1.0f / float(x0));
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    const __m512i v = _mm512_min_epi32(load16_i32(in + i), _mm512_setzero_si512());
+    _mm512_storeu_si512(out + i, shift_exp16(v, lo, x0v, twox0, inv));
+  }
+  i_exp_body(in, out, i, e, kp);  // tail (< 16 elements)
+}
+
 template <typename In, typename Out>
 TM_AVX512 void shiftmax_zmm(const In* __restrict x, Out* __restrict y, int64_t d, int64_t rb, int64_t re,
                             const ExpConsts* kp, int64_t out_bits, int32_t* __restrict e) {
@@ -306,9 +325,6 @@ TM_INLINE void shift_gelu_body(const In* __restrict in, int32_t* __restrict out,
 TM_CLONES(shift_gelu_body)
 
 // Hand-written AVX-512 ShiftGELU (GCC does not vectorise the body above): 8 int64 lanes, the same steps.
-TM_AVX512 inline __m512i load8_i64(const int8_t* p) { return _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i*)p)); }
-TM_AVX512 inline __m512i load8_i64(const int16_t* p) { return _mm512_cvtepi16_epi64(_mm_loadu_si128((const __m128i*)p)); }
-TM_AVX512 inline __m512i load8_i64(const int32_t* p) { return _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i*)p)); }
 
 template <typename In>
 TM_AVX512 void shift_gelu_zmm(const In* __restrict in, int32_t* __restrict out, int64_t b, int64_t e, int64_t x0,
@@ -375,6 +391,52 @@ TM_INLINE void shift_gelu_pub_body(const In* __restrict x, int32_t* __restrict y
   }
 }
 TM_CLONES(shift_gelu_pub_body)
+
+// Published ShiftGELU, AVX-512: per row the max and e_m = gelu_exp(-max) in scalar, then 8 int64 lanes per step
+// (x - max ≤ 0 so q ≥ 0 and the shift 23 - q never reaches the clamp at 40).
+template <typename In>
+TM_AVX512 void shift_gelu_pub_zmm(const In* __restrict x, int32_t* __restrict y, int64_t d, int64_t rb, int64_t re,
+                                  int64_t x0, int64_t sigmoid_bits) {
+  const int64_t cap31 = (int64_t(1) << 31) - 1;
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1), x0v = _mm512_set1_epi64(x0);
+  const __m512i lo = _mm512_set1_epi64(kGeluN * x0), twox0 = _mm512_set1_epi64(2 * x0), capv = _mm512_set1_epi64(cap31);
+  const __m512i top = _mm512_set1_epi64((int64_t(1) << (sigmoid_bits - 1)) - 1), n23 = _mm512_set1_epi64(kGeluN);
+  const __m128i sh = _mm_cvtsi64_si128(32 - sigmoid_bits);
+  const __m512d inv = _mm512_set1_pd(1.0 / double(x0)), capd = _mm512_set1_pd(double(cap31));
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t row = rb; row < re; ++row) {
+    const In* __restrict in = x + row * d;
+    int32_t* __restrict out = y + row * d;
+    In mm = in[0];
+    for (int64_t i = 1; i < d; ++i) mm = in[i] > mm ? in[i] : mm;
+    const int64_t m = mm, e_m = gelu_exp(-m, x0, true);
+    const __m512i mv = _mm512_set1_epi64(m), emv = _mm512_set1_epi64(e_m);
+    for (int64_t i = 0; i < d8; i += 8) {
+      const __m512i v = load8_i64(in + i), xm = _mm512_sub_epi64(v, mv);
+      __m512i z = _mm512_sub_epi64(_mm512_add_epi64(xm, _mm512_srai_epi64(xm, 1)), _mm512_srai_epi64(xm, 4));
+      z = _mm512_max_epi64(z, lo);
+      __m512i q = _mm512_cvttpd_epi64(
+          _mm512_roundscale_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(z), inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+      __m512i r = _mm512_sub_epi64(z, _mm512_mullo_epi64(q, x0v));
+      const __mmask8 up = _mm512_cmpgt_epi64_mask(r, zero), dn = _mm512_cmple_epi64_mask(r, x0v);
+      q = _mm512_mask_add_epi64(_mm512_mask_sub_epi64(q, up, q, one), dn, q, one);
+      r = _mm512_mask_sub_epi64(_mm512_mask_add_epi64(r, up, r, x0v), dn, r, x0v);
+      const __m512i ev = _mm512_srai_epi64(_mm512_sllv_epi64(_mm512_sub_epi64(r, twox0), _mm512_sub_epi64(n23, q)), 1);
+      const __m512i total = _mm512_min_epi64(_mm512_add_epi64(ev, emv), capv);
+      __m512i f = _mm512_cvttpd_epi64(_mm512_div_pd(capd, _mm512_cvtepi64_pd(total)));
+      const __m512i rr = _mm512_sub_epi64(capv, _mm512_mullo_epi64(f, total));
+      f = _mm512_mask_add_epi64(_mm512_mask_sub_epi64(f, _mm512_cmplt_epi64_mask(rr, zero), f, one),
+                                _mm512_cmpge_epi64_mask(rr, total), f, one);
+      const __m512i sig = _mm512_min_epi64(_mm512_sra_epi64(_mm512_mullo_epi64(ev, f), sh), top);
+      _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi64_epi32(_mm512_mullo_epi64(v, sig)));
+    }
+    for (int64_t i = d8; i < d; ++i) {  // tail: the scalar steps
+      const int64_t v = in[i], e = gelu_exp(v - m, x0, true);
+      const int64_t sig = (e * (cap31 / std::min(e + e_m, cap31))) >> (32 - sigmoid_bits);
+      out[i] = int32_t(v * std::min<int64_t>(sig, (int64_t(1) << (sigmoid_bits - 1)) - 1));
+    }
+  }
+}
 
 struct GeluConsts {
   int64_t b, c, one;
@@ -545,7 +607,12 @@ at::Tensor i_exp_cpu(const at::Tensor& x, double scale, std::string method) {
   with_int_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* ip = xc.data_ptr<T>();
-    at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) { TM_DISPATCH(i_exp_body, ip, op, b, e, &k); });
+    at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
+      if constexpr (sizeof(T) <= 2) {
+        if (vec_level() == 2 && k.shift) return i_exp_zmm(ip, op, b, e, &k);
+      }
+      TM_DISPATCH(i_exp_body, ip, op, b, e, &k);
+    });
   });
   return out;
 }
@@ -602,7 +669,8 @@ at::Tensor shift_gelu_cpu(const at::Tensor& x, double scale, int64_t sigmoid_bit
     const T* ip = xc.data_ptr<T>();
     if (published)
       at::parallel_for(0, rows, row_grain(d), [&](int64_t b, int64_t e) {
-        TM_DISPATCH(shift_gelu_pub_body, ip, op, d, b, e, x0, sigmoid_bits);
+        if (vec_level() == 2) shift_gelu_pub_zmm(ip, op, d, b, e, x0, sigmoid_bits);
+        else TM_DISPATCH(shift_gelu_pub_body, ip, op, d, b, e, x0, sigmoid_bits);
       });
     else
       at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
