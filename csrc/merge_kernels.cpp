@@ -105,24 +105,25 @@ TM_TIES_CLONES(, scalar)
 
 constexpr int64_t kGrain = 1 << 16;
 
+// Run LOOP_<isa>(ARGS..., s, t) over [0, n) in parallel chunks, with the clone for the active ISA.
+#define TM_PARALLEL_ISA(n, LOOP, ...)                                               \
+  do {                                                                              \
+    const Isa isa_ = active_isa();                                                  \
+    at::parallel_for(0, (n), kGrain, [&](int64_t s_, int64_t t_) {                  \
+      if (isa_ == Isa::Avx512) LOOP##_avx512(__VA_ARGS__, s_, t_);                  \
+      else if (isa_ == Isa::Avx2) LOOP##_avx2(__VA_ARGS__, s_, t_);                 \
+      else LOOP##_scalar(__VA_ARGS__, s_, t_);                                      \
+    });                                                                             \
+  } while (0)
+
 template <typename E, typename B>
 void delta_typed(float* out, const E* e, const B* b, int64_t n) {
-  const Isa isa = active_isa();
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
-    if (isa == Isa::Avx512) delta_loop_avx512(out, e, b, s, t);
-    else if (isa == Isa::Avx2) delta_loop_avx2(out, e, b, s, t);
-    else delta_loop_scalar(out, e, b, s, t);
-  });
+  TM_PARALLEL_ISA(n, delta_loop, out, e, b);
 }
 
 template <typename E, typename B>
 void axpy_typed(float* acc, const E* e, const B* b, float w, int64_t n) {
-  const Isa isa = active_isa();
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
-    if (isa == Isa::Avx512) axpy_loop_avx512(acc, e, b, w, s, t);
-    else if (isa == Isa::Avx2) axpy_loop_avx2(acc, e, b, w, s, t);
-    else axpy_loop_scalar(acc, e, b, w, s, t);
-  });
+  TM_PARALLEL_ISA(n, axpy_loop, acc, e, b, w);
 }
 
 void check_inputs(const at::Tensor& e, const at::Tensor& b, const char* op) {
@@ -152,12 +153,7 @@ void dispatch_pair(const at::Tensor& e, const at::Tensor& b, F&& f) {
 
 template <typename E, typename B>
 void scaled_typed(float* out, const E* e, const B* b, float w, int64_t n) {
-  const Isa isa = active_isa();
-  at::parallel_for(0, n, kGrain, [&](int64_t s, int64_t t) {
-    if (isa == Isa::Avx512) scaled_loop_avx512(out, e, b, w, s, t);
-    else if (isa == Isa::Avx2) scaled_loop_avx2(out, e, b, w, s, t);
-    else scaled_loop_scalar(out, e, b, w, s, t);
-  });
+  TM_PARALLEL_ISA(n, scaled_loop, out, e, b, w);
 }
 
 at::Tensor merge_scaled_delta(const at::Tensor& expert, const at::Tensor& base, double weight) {
@@ -181,15 +177,10 @@ at::Tensor merge_finish(const at::Tensor& base, const at::Tensor& mixed, std::op
   const float div = divisor ? static_cast<float>(*divisor) : 1.0f;
   const float l = lam ? static_cast<float>(*lam) : 1.0f;
   const bool use_div = divisor.has_value(), use_lam = lam.has_value();
-  const Isa isa = active_isa();
   float* o = out.data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* mp = m.const_data_ptr<float>();
-  at::parallel_for(0, b.numel(), kGrain, [&](int64_t s, int64_t t) {
-    if (isa == Isa::Avx512) finish_loop_avx512(o, bp, mp, div, use_div, l, use_lam, s, t);
-    else if (isa == Isa::Avx2) finish_loop_avx2(o, bp, mp, div, use_div, l, use_lam, s, t);
-    else finish_loop_scalar(o, bp, mp, div, use_div, l, use_lam, s, t);
-  });
+  TM_PARALLEL_ISA(b.numel(), finish_loop, o, bp, mp, div, use_div, l, use_lam);
   return out;
 }
 
@@ -262,12 +253,7 @@ at::Tensor ties_resolve(const at::Tensor& vote, const at::Tensor& pos_sum, const
   const float *v = vote.const_data_ptr<float>(), *ps = pos_sum.const_data_ptr<float>();
   const float *ns = neg_sum.const_data_ptr<float>(), *pd = pos_div.const_data_ptr<float>();
   const float* nd = neg_div.const_data_ptr<float>();
-  const Isa isa = active_isa();
-  at::parallel_for(0, vote.numel(), kGrain, [&](int64_t s, int64_t e) {
-    if (isa == Isa::Avx512) ties_resolve_loop_avx512(o, v, ps, ns, pd, nd, normalize, s, e);
-    else if (isa == Isa::Avx2) ties_resolve_loop_avx2(o, v, ps, ns, pd, nd, normalize, s, e);
-    else ties_resolve_loop_scalar(o, v, ps, ns, pd, nd, normalize, s, e);
-  });
+  TM_PARALLEL_ISA(vote.numel(), ties_resolve_loop, o, v, ps, ns, pd, nd, normalize);
   return out;
 }
 

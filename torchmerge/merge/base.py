@@ -138,9 +138,11 @@ class ExpertTensor:
 class Experts(Sequence[ExpertTensor]):
     """A re-iterable sequence of experts; each access loads (mmap) one tensor."""
 
-    def __init__(self, count: int, load: Callable[[int], ExpertTensor]):
+    def __init__(self, count: int, load: Callable[[int], ExpertTensor],
+                 release: Callable[[int], None] | None = None):
         self._count = count
         self._load = load
+        self._release = release  # called once iteration has moved past expert i (drops its mapped pages)
 
     def __len__(self) -> int:
         return self._count
@@ -155,6 +157,8 @@ class Experts(Sequence[ExpertTensor]):
     def __iter__(self) -> Iterator[ExpertTensor]:
         for i in range(self._count):
             yield self._load(i)
+            if self._release is not None:
+                self._release(i)
 
 
 @dataclass

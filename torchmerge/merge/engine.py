@@ -178,8 +178,16 @@ class _Runner:
             return ExpertTensor(plan.sources[r.source].ref, r.source, self._load(r, job), params,
                                 aux=lambda k, fns=aux_fns: fns[k](k) if k in fns else None, compute_dtype=self.compute)
 
-        base = self._load(job.base, job).to(self.compute) if job.base is not None else None
-        return TensorInputs(job.out_name, base, Experts(len(job.experts), load_expert), plan.spec.seed,
+        base = None
+        if job.base is not None:
+            raw = self._load(job.base, job)
+            base = raw.to(self.compute)
+            if base.data_ptr() != raw.data_ptr():  # converted: the mapped pages are no longer needed
+                plan.sources[job.base.source].release()
+        def release_expert(i: int) -> None:  # a re-read after this faults the pages back in from the file
+            plan.sources[job.experts[i].source].release()
+
+        return TensorInputs(job.out_name, base, Experts(len(job.experts), load_expert, release_expert), plan.spec.seed,
                             base_params, job.layer_index, plan.out_num_layers)
 
     def finish_one(self, job: Job) -> torch.Tensor:
