@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from torchmerge.graph import PassError, PassPipeline, capture
 from torchmerge.passes import DeadCodeElimination, FoldConstants
-from torchmerge.passes.calibrate import Calibrate
+from torchmerge.passes.calibrate import Calibrate, CalibrationData
 from torchmerge.passes.lower_int8 import LowerInt8
 from torchmerge.precision.plan import PrecisionPlan
 
@@ -19,6 +19,7 @@ from ..graph.models import BertHidden, mlp, tiny_bert
 
 ops = pytest.importorskip("torchmerge.ops")
 INT8 = PrecisionPlan({"*": "int8"})
+M8, M16 = LowerInt8.int8_margin, LowerInt8.int16_margin  # scales cover margin × the calibrated range
 
 
 def _lower(model, inputs, plan=INT8, calibration=None, **kw):
@@ -53,12 +54,12 @@ def test_linear_is_int8_per_channel_weights_per_tensor_activations():
     assert "torchmerge.int8_linear.default" in _targets(gm) and "aten.addmm.default" not in _targets(gm)
     y = lin(x).detach()
     # formula: x int8 per tensor, W int8 per output channel, int32 acc + bias, one int16 output scale
-    xs = x.abs().max().item() / 127
+    xs = M8 * x.abs().max().item() / 127
     ws = lin.weight.detach().abs().amax(1).double() / 127
     wq = torch.round(lin.weight.detach().double() / ws[:, None])
-    acc = _q(x, x.abs().max().item(), 127) @ wq.t() + torch.round(lin.bias.detach().double() / (xs * ws))
-    out_scale = y.abs().max().item() / 32767
-    expected = torch.round(acc * xs * ws / out_scale).clamp(-32768, 32767) * out_scale  # saturates at the range
+    acc = _q(x, M8 * x.abs().max().item(), 127) @ wq.t() + torch.round(lin.bias.detach().double() / (xs * ws))
+    out_scale = M16 * y.abs().max().item() / 32767
+    expected = torch.round(acc * xs * ws / out_scale).clamp(-32768, 32767) * out_scale
     torch.testing.assert_close(gm(x)[0].double(), expected, rtol=0, atol=1.01 * out_scale)
 
 
@@ -75,8 +76,8 @@ def test_bmm_products_are_exact_integer_accumulations():
     torch.manual_seed(0)
     a, b = torch.randn(3, 4, 16), torch.randn(3, 16, 5)
     gm = _lower(Fn(torch.bmm), (a, b))
-    qa, qb = _q(a, a.abs().max().item(), 127), _q(b, b.abs().max().item(), 127)
-    expected = (qa @ qb) * (a.abs().max().item() / 127) * (b.abs().max().item() / 127)
+    sa, sb = M8 * a.abs().max().item(), M8 * b.abs().max().item()
+    expected = (_q(a, sa, 127) @ _q(b, sb, 127)) * (sa / 127) * (sb / 127)
     torch.testing.assert_close(gm(a, b)[0].double(), expected, rtol=1e-6, atol=1e-9)
 
 
@@ -106,7 +107,7 @@ def test_layernorm_is_i_layernorm():
     gm = _lower(ln, (x,))
     assert "torchmerge.i_layernorm.default" in _targets(gm) and "aten.native_layer_norm.default" not in _targets(gm)
     y = ln(x).detach()
-    out_step = y.abs().max().item() / 32767  # int16 output (a float consumer reads it)
+    out_step = M16 * y.abs().max().item() / 32767  # int16 output (a float consumer reads it)
     assert (gm(x)[0] - y).abs().max().item() < 2e-3 + 2 * out_step
 
 
@@ -167,21 +168,76 @@ def test_tiny_bert_compiled_int8_vs_eager(fresh_dynamo, inner):
 
 
 def test_backend_calibration_option_is_used(fresh_dynamo):
+    """CalibrationData compares by identity, so two live compiles with tensors in their options coexist."""
     model, x = mlp(), torch.randn(8, 16)
     with torch.no_grad():
-        narrow = _compiled(model, "eager", calibration=[(x * 0.01,)])(x)
-        torch._dynamo.reset()  # dynamo compares options dicts of live compiles; tensors in them cannot be compared
-        wide = _compiled(model, "eager", calibration=[(x,)])(x)
-    ref = model(x)
+        narrow = _compiled(model, "eager", calibration=CalibrationData([(x * 0.01,)]))(x)
+        wide = _compiled(model, "eager", calibration=CalibrationData([(x,)]))(x)  # no dynamo reset in between
+        ref = model(x)
     assert (wide - ref).abs().max() < (narrow - ref).abs().max()  # ranges from 1% inputs clip the real ones
+
+
+def test_torchmerge_compile_takes_calibration():
+    import torchmerge
+
+    model, x = mlp(), torch.randn(8, 16)
+    with torch.no_grad():
+        narrow = torchmerge.compile(model, plan=INT8, calibration=[(x * 0.01,)], inner="eager")(x)
+        wide = torchmerge.compile(model, plan=INT8, calibration=[(x,)], inner="eager")(x)
+        again = torchmerge.compile(model, plan=INT8, calibration=CalibrationData([x]), inner="eager")(x)
+        ref = model(x)
+    assert (wide - ref).abs().max() < (narrow - ref).abs().max()
+    torch.testing.assert_close(again, wide, rtol=0, atol=0)  # one tensor is a one-input batch
+
+
+def test_calibration_data_is_compared_by_identity():
+    x = torch.randn(4, 3)
+    a, b = CalibrationData([(x,)]), CalibrationData([(x,)])
+    assert a == a and a != b and {a: 1}[a] == 1 and hash(a) != hash(b)
+    assert {"calibration": a} != {"calibration": b}  # what dynamo does with options dicts; tensors would raise
+    assert list(a) == [(x,)] and len(a) == 1 and CalibrationData(a).batches is a.batches
+    assert "(4, 3)" in repr(a) and a.digest() == CalibrationData([[x]]).digest()
+    with pytest.raises(ValueError, match="no batches"):
+        CalibrationData([])
+    with pytest.raises(TypeError, match="not one tensor"):
+        CalibrationData(x)
+
+
+def test_margins_widen_int16_and_int8_scales():
+    lin, x = nn.Linear(24, 8).eval(), torch.randn(5, 24)
+    with torch.no_grad():
+        y = lin(x)
+        big = x * 1.2  # 20% beyond the calibrated range
+        exact = _lower(lin, (x,), smooth_alpha=None, int8_margin=1.0, int16_margin=1.0)
+        wide = _lower(lin, (x,), smooth_alpha=None)
+        assert (wide(big)[0] - lin(big)).abs().max() < 0.5 * (exact(big)[0] - lin(big)).abs().max()
+        assert (wide(x)[0] - y).abs().max() < 0.05 * y.abs().max()
+    with pytest.raises(PassError, match="margins must be ≥ 1"):
+        _lower(lin, (x,), int8_margin=0.5)
 
 
 # -- all-MiniLM-L6-v2 -----------------------------------------------------------------------------------
 
-HELD_OUT = [f"{s} {p}" for s in ("The cat", "A physicist", "Our quarterly report", "The old bridge")
-            for p in ("sleeps on the warm windowsill.", "explains why the sky is blue.", "grew faster than expected.",
-                      "was closed after the storm.", "plants tomatoes before the frost.", "needs flour and salt.",
-                      "turns products into additions.", "vacuums the kitchen at night.", "is late again.")]
+# Calibration sentences for the held-out case: varied, disjoint from the evaluated SENTENCES[:32].
+HELD_OUT = [
+    "The river flooded the valley after weeks of heavy rain.", "Our quarterly revenue beat every analyst forecast.",
+    "He has played the cello in a string quartet for years.", "Preheat the oven to 200 degrees before baking.",
+    "The weather satellite transmits fresh data every hour.", "She adopted a shy rescue dog from the local shelter.",
+    "Unit tests caught the regression two days before release.", "The glacier has retreated several kilometres.",
+    "Tickets for the cup final sold out within minutes.", "Neurons communicate through electrical and chemical signals.",
+    "The mayor announced a network of protected bike lanes.", "A gentle breeze rustled the yellow autumn leaves.",
+    "Why did the database query time out under load?", "Medieval castles were built to withstand long sieges.",
+    "Can you recommend a quiet Italian restaurant downtown?", "The startup raised seed funding from angel investors.",
+    "Coral reefs are bleaching as the oceans warm.", "The poet read aloud from her latest collection.",
+    "Remember to back up your photos before the update.", "The hikers reached the summit just after dawn.",
+    "Inflation slowed for the third consecutive month.", "The grandmaster sacrificed her queen on move twenty.",
+    "Bees pollinate a large share of the crops we eat.", "Today's lecture covered the basics of thermodynamics.",
+    "A power outage left the whole town in darkness.", "The chef garnished the soup with fresh basil.",
+    "How long does it take to become fluent in Japanese?", "The archive holds letters written during the civil war.",
+    "Self-driving cars rely on lidar, radar and cameras.", "The toddler giggled all through the puppet show.",
+    "Sea levels are projected to rise throughout this century.", "The merger still needs approval from regulators.",
+    "My neighbour restores vintage motorcycles in his garage.", "Lightning struck the old oak tree behind the barn.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -210,17 +266,21 @@ def _batch(tokenizer, sentences, length=32):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("calibrate_on", ["same batch", pytest.param("held-out sentences", marks=pytest.mark.xfail(
-    reason="measured 0.978: MinMax ranges from 32 short templated sentences clip the test batch; needs a range "
-           "margin or percentile observer", strict=False))])
-def test_minilm_integer_only_min_cosine(fresh_dynamo, minilm_model, calibrate_on):
-    """Issue target: min cosine ≥ 0.99 of mean-pooled embeddings to fp32 under the integer-only plan."""
+@pytest.mark.parametrize("calibrate_on, evaluate_on", [("SENTENCES", "SENTENCES"), ("HELD_OUT", "SENTENCES"),
+                                                       ("SENTENCES", "HELD_OUT")])
+def test_minilm_integer_only_min_cosine(fresh_dynamo, minilm_model, calibrate_on, evaluate_on):
+    """Issue target: min cosine ≥ 0.99 of mean-pooled embeddings to fp32 under the integer-only plan, also when
+    the activation ranges come from 32 other sentences (held out: the calibration never saw the evaluated ones).
+    Measured (inductor): same batch 0.994, held out 0.992 either way (eager figures within ±0.001)."""
     model, tokenizer = minilm_model
-    inputs = _batch(tokenizer, SENTENCES[:32])
-    options = {} if calibrate_on == "same batch" else {"calibration": [_batch(tokenizer, HELD_OUT[:32])]}
+    sentences = {"SENTENCES": SENTENCES[:32], "HELD_OUT": HELD_OUT[:32]}
+    assert len(set(sentences[calibrate_on])) == len(set(sentences[evaluate_on])) == 32
+    assert calibrate_on == evaluate_on or not set(sentences[calibrate_on]) & set(sentences[evaluate_on])
+    inputs = _batch(tokenizer, sentences[evaluate_on])
+    calibration = CalibrationData([_batch(tokenizer, sentences[calibrate_on])])
     with torch.no_grad():
         ref = model(*inputs)
-        out = _compiled(copy.deepcopy(model), "inductor", **options)(*inputs)
+        out = _compiled(copy.deepcopy(model), "inductor", calibration=calibration)(*inputs)
     cos = nn.functional.cosine_similarity(out, ref, dim=-1).min().item()
-    assert len(set(SENTENCES[:32])) == 32 and math.isfinite(cos)
-    assert cos >= 0.99, f"min cosine {cos:.4f}"
+    print(f"MiniLM int8 integer-only, calibrated on {calibrate_on}, evaluated on {evaluate_on}: min cosine {cos:.4f}")
+    assert math.isfinite(cos) and cos >= 0.99, f"min cosine {cos:.4f}"

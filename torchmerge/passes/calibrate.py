@@ -8,7 +8,8 @@ batch and stores, for every node that yields a floating tensor,
   node.meta["tm_amax_ch"] = max |x| per last-dim channel (for SmoothQuant-style smoothing), or None
 Lowerings read these fields; the graph itself is not changed. `batches` are tuples of graph inputs in
 placeholder order; :func:`graph_args` builds them from a model's tensor inputs (SymInt placeholders of a
-dynamic graph are filled from the matching tensor dimensions).
+dynamic graph are filled from the matching tensor dimensions). :class:`CalibrationData` carries batches through
+torch.compile's options dict (it compares by identity, so dynamo never compares tensors).
 """
 
 from __future__ import annotations
@@ -68,6 +69,57 @@ class _Recorder(fx.Interpreter):
                 per_channel = torch.maximum(old[2], per_channel)
             self.stats[n.name] = (max(old[0], amax), old[1] and mask_like, per_channel)
         return out
+
+
+class CalibrationData:
+    """Calibration batches to hand through `torch.compile(..., options={"calibration": CalibrationData(...)})`.
+
+    torch.compile keeps its options dict and compares it with ``==`` against the options of other live
+    compiles; a list of tensors cannot be compared that way (``bool(tensor == tensor)`` raises). This wrapper
+    compares and hashes by identity, so two compiles are "the same options" only when they share the object.
+    `batches`: an iterable of batches, each a tuple (or list) of the model's tensor inputs, or one tensor for a
+    one-input model. Iterating yields the batches as tuples.
+    """
+
+    __slots__ = ("batches", "_digest")
+
+    def __init__(self, batches):
+        if isinstance(batches, CalibrationData):  # re-wrapping shares the batches (and the digest)
+            self.batches, self._digest = batches.batches, batches._digest
+            return
+        if isinstance(batches, torch.Tensor):
+            raise TypeError("CalibrationData takes a list of batches (tuples of input tensors), not one tensor; "
+                            "wrap it: CalibrationData([(x,)])")
+        self.batches = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches)
+        if not self.batches:
+            raise ValueError("CalibrationData: no batches; pass at least one tuple of input tensors")
+        self._digest = None
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = batches_digest(self.batches)
+        return self._digest
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in b))
+                           for b in self.batches[:3])
+        more = f", … {len(self.batches) - 3} more" if len(self.batches) > 3 else ""
+        return f"CalibrationData([{shapes}{more}])"
 
 
 def batches_digest(batches) -> str:
