@@ -125,13 +125,20 @@ void insertion_sort(T* first, T* last) {
   }
 }
 
-template <typename Idx>
+// The sort key of values[i], or of |values[i]| (what TIES trims on) when kAbs: fabs clears the sign
+// bit as torch.abs does, NaN included.
+template <bool kAbs>
+inline uint32_t key_of(const float* values, int64_t i) {
+  return order_key(kAbs ? std::fabs(values[i]) : values[i]);
+}
+
+template <typename Idx, bool kAbs>
 void mark_first_k(const float* values, int64_t n, int64_t k, bool* out) {
   using T = Item<Idx>;
   std::unique_ptr<T[]> buf(new T[n]);
   T* a = buf.get();
   at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) a[i] = T{order_key(values[i]), static_cast<Idx>(i)};
+    for (int64_t i = begin; i < end; ++i) a[i] = T{key_of<kAbs>(values, i), static_cast<Idx>(i)};
   });
 
   // Invariant: f < k <= l, and every element of [0, f) goes before every element of [f, n).
@@ -165,14 +172,14 @@ void mark_first_k(const float* values, int64_t n, int64_t k, bool* out) {
   uint32_t kth = a[f].key;
   for (int64_t j = f + 1; j < k; ++j) kth = std::min(kth, a[j].key);
   at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = order_key(values[i]) > kth;
+    for (int64_t i = begin; i < end; ++i) out[i] = key_of<kAbs>(values, i) > kth;
   });
   for (int64_t j = 0; j < k; ++j) {
     if (a[j].key == kth) out[a[j].idx] = true;
   }
 }
 
-at::Tensor topk_mask_like_sort_cpu(const at::Tensor& values, int64_t k) {
+at::Tensor topk_mask_like_sort_cpu(const at::Tensor& values, int64_t k, bool absolute) {
   const char* op = "topk_mask_like_sort";
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D; got shape ", values.sizes());
   TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat, op, ": values must be a torch.float32 tensor; got ",
@@ -182,10 +189,13 @@ at::Tensor topk_mask_like_sort_cpu(const at::Tensor& values, int64_t k) {
   auto out = at::empty({n}, values.options().dtype(at::kBool));
   if (k == 0 || k == n) return out.fill_(k == n);
   const at::Tensor v = values.contiguous();
-  if (n <= int64_t(0xFFFFFFFF)) {
-    mark_first_k<uint32_t>(v.data_ptr<float>(), n, k, out.data_ptr<bool>());
+  const float* vp = v.data_ptr<float>();
+  bool* op_ = out.data_ptr<bool>();
+  const bool small = n <= int64_t(0xFFFFFFFF);
+  if (absolute) {
+    small ? mark_first_k<uint32_t, true>(vp, n, k, op_) : mark_first_k<int64_t, true>(vp, n, k, op_);
   } else {
-    mark_first_k<int64_t>(v.data_ptr<float>(), n, k, out.data_ptr<bool>());
+    small ? mark_first_k<uint32_t, false>(vp, n, k, op_) : mark_first_k<int64_t, false>(vp, n, k, op_);
   }
   return out;
 }

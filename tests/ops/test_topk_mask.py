@@ -147,3 +147,14 @@ def test_bad_input(values, k, message):
         topk_mask_like_sort(values, k)
     with pytest.raises(ValueError, match=message):
         topk_mask_like_sort_reference(values, k)
+
+
+@pytest.mark.parametrize("n, k", [(1000, 300), (200_003, 77_777)])
+def test_absolute_matches_argsort_of_abs(n, k):
+    """absolute=True keeps argsort(|values|, descending)[:k]: the TIES trim set, signs and ties included."""
+    g = torch.Generator().manual_seed(n)
+    values = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()  # tie-heavy, both signs
+    values[:5] = torch.tensor([-0.0, 0.0, float("nan"), -values[10].item(), values[10].item()])
+    want = torch.zeros(n, dtype=torch.bool)
+    want[torch.argsort(values.abs(), descending=True)[:k]] = True
+    assert torch.equal(torch.ops.torchmerge.topk_mask_like_sort(values, k, True), want)

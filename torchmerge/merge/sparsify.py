@@ -68,15 +68,19 @@ def _argsort_prefix_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def top_k_mask(a: torch.Tensor, k: int, tie_break: str = "sort") -> torch.Tensor:
-    """Mask of the k largest elements of 1-D ``a``, the set ``argsort(a, descending=True)[:k]`` keeps."""
+def top_k_mask(a: torch.Tensor, k: int, tie_break: str = "sort", absolute: bool = False) -> torch.Tensor:
+    """Mask of the k largest elements of 1-D ``a`` (of ``|a|`` when ``absolute``), the set
+    ``argsort(a, descending=True)[:k]`` keeps."""
     n = a.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
     if tie_break == "sort" and native_available() and a.dtype in _EXACT_F32:
-        return topk_mask_like_sort(a.to(torch.float32).contiguous(), k)  # one O(n) pass beats kthvalue alone
+        # one O(n) pass beats kthvalue alone; |a| is taken inside the kernel's copy
+        return topk_mask_like_sort(a.to(torch.float32).contiguous(), k, absolute)
+    if absolute:
+        a = a.abs()
     if bool(torch.isnan(a).any()):  # argsort puts NaN first; the '>'/'==' tests below cannot see NaN
         return _argsort_prefix_mask(a, k)
     thr = torch.kthvalue(a, n - k + 1).values
@@ -106,7 +110,7 @@ def _rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: str | None, keep
 def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "sort") -> torch.Tensor:
     """The TIES trim mask: True for the k = max(1, ⌊density·n⌋) largest |δ| (density < 1, n > 0)."""
     k = max(1, int(density * delta.numel()))
-    return top_k_mask(delta.abs().reshape(-1), k, tie_break).reshape(delta.shape)
+    return top_k_mask(delta.reshape(-1), k, tie_break, absolute=True).reshape(delta.shape)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: str | None = None, tie_break: str = "sort") -> torch.Tensor:

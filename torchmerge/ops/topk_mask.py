@@ -37,28 +37,32 @@ def check_topk_mask_like_sort(values, k) -> None:
         raise ValueError(f"{op}: k must be in [0, {n}] (values.numel()); got {k}")
 
 
-def topk_mask_like_sort_reference(values: torch.Tensor, k: int) -> torch.Tensor:
-    """mask[i] = i ∈ torch.argsort(values, descending=True)[:k] (unstable CPU sort, as mergekit calls it)."""
+def topk_mask_like_sort_reference(values: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    """mask[i] = i ∈ torch.argsort(v, descending=True)[:k] (unstable CPU sort, as mergekit calls it),
+    v = |values| when `absolute` (the TIES trim key), else values."""
     check_topk_mask_like_sort(values, k)
+    if absolute:
+        values = values.abs()
     mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     mask[torch.argsort(values, descending=True)[:k]] = True
     return mask
 
 
-def _topk_mask_like_sort_fake(values, k):
+def _topk_mask_like_sort_fake(values, k, absolute=False):
     check_topk_mask_like_sort(values, k)
     return values.new_empty(values.shape, dtype=torch.bool)
 
 
 define_op(
     "topk_mask_like_sort",
-    "(Tensor values, int k) -> Tensor",
+    "(Tensor values, int k, bool absolute=False) -> Tensor",
     reference=topk_mask_like_sort_reference,
     fake=_topk_mask_like_sort_fake,
 )
 
 
-def topk_mask_like_sort(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of ``torch.argsort(values, descending=True)[:k]`` (``torch.ops.torchmerge.topk_mask_like_sort``)."""
+def topk_mask_like_sort(values: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    """Bool mask of ``torch.argsort(values, descending=True)[:k]``, of ``|values|`` when ``absolute``
+    (``torch.ops.torchmerge.topk_mask_like_sort``; the absolute value is taken in the kernel's own copy)."""
     check_topk_mask_like_sort(values, k)
-    return torch.ops.torchmerge.topk_mask_like_sort(values, k)
+    return torch.ops.torchmerge.topk_mask_like_sort(values, k, absolute)
