@@ -46,7 +46,9 @@ class CompileOptions:
     passes: tuple[GraphPass, ...] | None = None
     inner: str = "inductor"
     dump_dir: str | Path | None = None
-    calibration: tuple | None = None  # int8, lut: batches (tuples of the model's tensor inputs); int8 default: the call's inputs
+    # int8, lut: batches (tuples of the model's tensor inputs); int8 default: the call's inputs. In torch.compile's
+    # options dict pass a CalibrationData (compared by identity; dynamo cannot compare tensors between compiles)
+    calibration: tuple | None = None
 
     def __post_init__(self):
         if self.inner not in INNER:
