@@ -177,7 +177,7 @@ def test_backend_calibration_option_is_used(fresh_dynamo):
     assert (wide - ref).abs().max() < (narrow - ref).abs().max()  # ranges from 1% inputs clip the real ones
 
 
-def test_torchmerge_compile_takes_calibration():
+def test_torchmerge_compile_takes_calibration(fresh_dynamo):
     import torchmerge
 
     model, x = mlp(), torch.randn(8, 16)
