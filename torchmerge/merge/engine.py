@@ -51,7 +51,7 @@ def _keep_freed_memory_in_heap() -> None:
     except OSError:  # not glibc: nothing to tune
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_mmap_threshold, 64 << 20)  # larger ones (embeddings) map fresh: no fragmentation
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
