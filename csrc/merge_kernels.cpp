@@ -45,13 +45,14 @@ inline float load_f(const c10::Half* p, int64_t i) { return static_cast<float>(p
       out[i] = 0.0f + d; /* a zero-filled accumulator plus the term: keeps +0 for -0 terms */     \
     }                                                                                             \
   }                                                                                               \
-  ATTR void finish_loop_##SUFFIX(float* out, const float* b, const float* m, float div, bool use_div, \
+  template <typename O>                                                                           \
+  ATTR void finish_loop_##SUFFIX(O* out, const float* b, const float* m, float div, bool use_div, \
                                  float lam, bool use_lam, int64_t s, int64_t t) {                 \
     for (int64_t i = s; i < t; ++i) {                                                             \
       float x = m[i];                                                                             \
       if (use_div) x = x / div;                                                                   \
       if (use_lam) x = x * lam;                                                                   \
-      out[i] = b[i] + x;                                                                          \
+      out[i] = static_cast<O>(b[i] + x); /* c10 casts round to nearest even, as Tensor.to */      \
     }                                                                                             \
   }
 TM_TARGET_CLONES(__attribute__((target("avx512f,avx512bw,avx512vl"))), avx512)
@@ -168,19 +169,26 @@ at::Tensor merge_scaled_delta(const at::Tensor& expert, const at::Tensor& base, 
 
 // out = base + ((mixed / divisor) * lambda), each step optional and rounded to fp32, in one pass.
 at::Tensor merge_finish(const at::Tensor& base, const at::Tensor& mixed, std::optional<double> divisor,
-                        std::optional<double> lam) {
+                        std::optional<double> lam, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(base.scalar_type() == at::kFloat && mixed.scalar_type() == at::kFloat && base.sizes() == mixed.sizes(),
               "merge_finish: base and mixed must be float32 tensors of one shape");
+  const auto odt = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf,
+              "merge_finish: out_dtype must be float32, bfloat16 or float16");
   auto b = base.contiguous();
   auto m = mixed.contiguous();
-  auto out = at::empty_like(b);
+  auto out = at::empty(b.sizes(), b.options().dtype(odt));
   const float div = divisor ? static_cast<float>(*divisor) : 1.0f;
   const float l = lam ? static_cast<float>(*lam) : 1.0f;
   const bool use_div = divisor.has_value(), use_lam = lam.has_value();
-  float* o = out.data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* mp = m.const_data_ptr<float>();
-  TM_PARALLEL_ISA(b.numel(), finish_loop, o, bp, mp, div, use_div, l, use_lam);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, odt, "merge_finish", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      TM_PARALLEL_ISA(b.numel(), finish_loop, o, bp, mp, div, use_div, l, use_lam);
+    }
+  });
   return out;
 }
 

@@ -47,6 +47,8 @@ def test_finish_rounds_like_separate_ops(isa, divisor, lam):
     if lam is not None:
         m = m * torch.tensor(lam, dtype=torch.float32)
     assert torch.equal(torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam), base + m)
+    for dtype in (torch.bfloat16, torch.float16):  # the cast rounds exactly as Tensor.to does
+        assert torch.equal(torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam, dtype), (base + m).to(dtype))
 
 
 @pytest.mark.parametrize("weighted_vote, count_vote", [(True, False), (False, False), (True, True)])

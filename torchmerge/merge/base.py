@@ -172,6 +172,8 @@ class TensorInputs:
     base_params: Mapping[str, Any] = field(default_factory=dict)  # per-model params given to the base model
     layer_index: int | None = None  # parsed from the name (".layers.N."), None when not a layer tensor
     num_layers: int | None = None
+    # the dtype the engine writes; a method may return it directly (saving the engine a cast pass)
+    out_dtype: torch.dtype | None = None
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, salt): independent of order and threads."""

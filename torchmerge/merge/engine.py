@@ -188,11 +188,16 @@ class _Runner:
             plan.sources[job.experts[i].source].release()
 
         return TensorInputs(job.out_name, base, Experts(len(job.experts), load_expert, release_expert), plan.spec.seed,
-                            base_params, job.layer_index, plan.out_num_layers)
+                            base_params, job.layer_index, plan.out_num_layers, self.out_meta(job).dtype)
 
     def finish_one(self, job: Job) -> torch.Tensor:
-        """Merge one job and cast it to the output dtype (may alias a mapped input until `release`)."""
-        return self.merge_one(job).to(self.out_meta(job).dtype)
+        """Merge one job, cast it to the output dtype and check it is finite (it may alias a mapped
+        input until `release`). The check runs on the cast result: fewer bytes, and NaN/Inf survive
+        the cast (a finite value that overflows the output dtype is caught too)."""
+        out = self.merge_one(job).to(self.out_meta(job).dtype)
+        if not all_finite(out):
+            self._name_non_finite(job)
+        return out
 
     def release(self) -> None:
         """Drop the inputs' mapped pages read for the last job."""
@@ -207,24 +212,17 @@ class _Runner:
                 for p in self.plan.method.param_specs() if p.scope == "global"}
 
     def merge_one(self, job: Job) -> torch.Tensor:
-        if job.copy:  # copied tensors skip the method, so check them here (a NaN must not pass silently)
-            ref = job.base or job.experts[0]
-            t = self._load(ref, job)
-            if not all_finite(t):
-                src = self.plan.sources[ref.source]
-                raise MergeError(f"{src.where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
-            return t
-        out = self.plan.method.merge(self.inputs(job), self.global_params(job))
-        if not all_finite(out):
-            self._name_non_finite(job)
-        return out
+        if job.copy:
+            return self._load(job.base or job.experts[0], job)
+        return self.plan.method.merge(self.inputs(job), self.global_params(job))
 
     def _name_non_finite(self, job: Job) -> None:
         for ref in ([job.base] if job.base else []) + job.experts:
             t = self.plan.sources[ref.source].load(ref.name)
             if not all_finite(t):
                 raise MergeError(f"{self.plan.sources[ref.source].where(ref.name)}: tensor {ref.name!r} contains NaN or Inf; inputs must be finite")
-        raise MergeError(f"method {self.plan.method.name!r} produced NaN/Inf for tensor {job.out_name!r} from finite inputs; check its parameters")
+        raise MergeError(f"method {self.plan.method.name!r} produced NaN/Inf for tensor {job.out_name!r} from finite "
+                         f"inputs (or overflowed the output dtype {self.out_meta(job).dtype}); check its parameters and out_dtype")
 
 
 def describe(plan: Plan) -> str:

@@ -17,6 +17,7 @@ from ..ops.merge_kernels import (merge_finish, ties_accumulate_, ties_accumulate
 from .base import REQUIRED, MergeError, MergeMethod, Param, TensorInputs, in_range, one_of
 
 _F32 = torch.float32
+_FINISH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 WEIGHT = Param("weight", REQUIRED, scope="model", kind=float, doc="coefficient of this model (any finite number)")
@@ -207,7 +208,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
             mixed, divisor = self._merge_sum(base, inputs, params)
         lam = params["lambda"] if params["lambda"] != 1 else None
         if base.dtype == _F32:  # one fused pass: base + ((mixed / divisor) · λ), same roundings
-            return merge_finish(base, mixed, divisor, lam)
+            out_dtype = inputs.out_dtype if inputs.out_dtype in _FINISH_DTYPES else None
+            return merge_finish(base, mixed, divisor, lam, out_dtype)
         if divisor is not None:
             mixed /= torch.tensor(divisor, dtype=mixed.dtype)
         if lam is not None:

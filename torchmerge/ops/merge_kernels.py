@@ -9,7 +9,8 @@ uses them is bit-identical to one that doesn't (and to mergekit 0.1.5).
     merge_axpy_delta_(acc, e, b, w): acc ← acc + (fp32(e) − fp32(b)) · fp32(w)
                                      (three fp32 roundings: subtract, multiply, add; no FMA)
     merge_scaled_delta(e, b, w)    = 0 + (fp32(e) − fp32(b)) · fp32(w)   (a fresh accumulator)
-    merge_finish(b, m, div, lam)   = b + ((m / div) · lam), the division and product only when given
+    merge_finish(b, m, div, lam)   = b + ((m / div) · lam), the division and product only when given,
+                                     optionally cast to out_dtype (round to nearest even, as Tensor.to)
 
 TIES sign election (Yadav et al., arXiv 2306.01708, in mergekit 0.1.5's "sum" consensus form), per
 expert with trimmed task vector τ, weight w and divisor weight d (w, or 1 for the paper's count):
@@ -54,7 +55,8 @@ def merge_scaled_delta_reference(expert: torch.Tensor, base: torch.Tensor, weigh
     return torch.zeros(expert.shape) + (expert.float() - base.float()) * torch.tensor(weight, dtype=torch.float32)
 
 
-def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None) -> torch.Tensor:
+def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None,
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
         raise ValueError("merge_finish: base and mixed must be float32 tensors of one shape")
     m = mixed.clone()
@@ -62,7 +64,8 @@ def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: flo
         m /= torch.tensor(divisor, dtype=torch.float32)
     if lam is not None:
         m *= torch.tensor(lam, dtype=torch.float32)
-    return base + m
+    out = base + m
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def ties_accumulate_reference(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: float, div_weight: float,
@@ -99,8 +102,8 @@ def _ties_resolve_fake(vote, *args) -> torch.Tensor:
     return torch.empty_like(vote)
 
 
-def _finish_fake(base, mixed, divisor, lam) -> torch.Tensor:
-    return torch.empty_like(base)
+def _finish_fake(base, mixed, divisor, lam, out_dtype=None) -> torch.Tensor:
+    return torch.empty_like(base, dtype=out_dtype or torch.float32)
 
 
 def _scaled_fake(expert, base, weight) -> torch.Tensor:
@@ -119,7 +122,7 @@ define_op("merge_delta", "(Tensor expert, Tensor base) -> Tensor",
           reference=merge_delta_reference, fake=_delta_fake)
 define_op("merge_scaled_delta", "(Tensor expert, Tensor base, float weight) -> Tensor",
           reference=merge_scaled_delta_reference, fake=_scaled_fake)
-define_op("merge_finish", "(Tensor base, Tensor mixed, float? divisor, float? lam) -> Tensor",
+define_op("merge_finish", "(Tensor base, Tensor mixed, float? divisor, float? lam, ScalarType? out_dtype=None) -> Tensor",
           reference=merge_finish_reference, fake=_finish_fake)
 define_op("ties_accumulate_",
           "(Tensor(a!) vote, Tensor(b!) pos_sum, Tensor(c!) neg_sum, Tensor(d!) pos_div, Tensor(e!) neg_div, "
@@ -150,11 +153,14 @@ def merge_scaled_delta(expert: torch.Tensor, base: torch.Tensor, weight: float) 
     return torch.ops.torchmerge.merge_scaled_delta(expert, base, float(weight))
 
 
-def merge_finish(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None) -> torch.Tensor:
+def merge_finish(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
         raise ValueError(f"merge_finish: base and mixed must be float32 tensors of one shape, got "
                          f"{base.dtype}{list(base.shape)} and {mixed.dtype}{list(mixed.shape)}")
-    return torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam)
+    if out_dtype not in (None, *_FLOATS):
+        raise ValueError(f"merge_finish: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    return torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam, out_dtype)
 
 
 def ties_accumulate_(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: float, div_weight: float,
