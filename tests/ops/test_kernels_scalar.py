@@ -89,18 +89,8 @@ def test_reference_fallback_without_library(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.fixture(params=["auto", "scalar", "avx2"])
-def any_isa(request):
-    try:
-        previous = ops.set_cpu_isa(request.param)
-    except ValueError:
-        pytest.skip(f"CPU lacks {request.param}")
-    yield request.param
-    ops.set_cpu_isa(previous)
-
-
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 15, 17, 33, 130])
-def test_vector_tails_and_extremes(any_isa, d):
+def test_vector_tails_and_extremes(isa, d):
     """Vectorised bodies (8/16 lanes) with row lengths off the lane count, int16/int8 extremes and saturation."""
     g = torch.Generator().manual_seed(d)
     x16 = torch.randint(-(2**15), 2**15, (5, d), dtype=torch.int16, generator=g)
