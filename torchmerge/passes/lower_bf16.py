@@ -36,8 +36,7 @@ class LowerBF16(GraphPass):
     name = "lower_bf16"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        resolved = self.plan.resolve(gm)
-        targets = [n for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == "bf16"]
+        targets = self.plan.targets(gm, "bf16")
         for node in targets:
             with gm.graph.inserting_before(node):
                 def lower(a):

@@ -89,8 +89,7 @@ class LowerInt8(GraphPass):
             raise ValueError(f"lower_int8: gelu must be 'shift' or 'poly'; got {self.gelu!r}")
         from .. import ops  # noqa: F401  (registers torch.ops.torchmerge.*)
 
-        resolved = self.plan.resolve(gm)
-        planned = {n for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == "int8"}
+        planned = set(self.plan.targets(gm, "int8"))
         lowered = {n for n in planned if _lowerable(n)}
         if lowered and not any("tm_amax" in n.meta for n in gm.graph.nodes):
             _amax(next(n for n in gm.graph.nodes if n in lowered))  # one named error, at the first int8 node

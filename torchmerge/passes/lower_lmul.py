@@ -55,12 +55,11 @@ class LowerLMul(GraphPass):
     name = "lower_lmul"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        resolved = self.plan.resolve(gm)
-        targets = [n for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == "lmul"]
+        targets = self.plan.targets(gm, "lmul")
         for node in targets:
             if node.meta["val"].dtype != torch.float32:
                 raise NodeError(node, f"lmul needs float32 operands, got {node.meta['val'].dtype}; valid: float32")
-            prec = resolved[node.name]
+            prec = targets[node]
             with gm.graph.inserting_before(node):
                 new = _lower(gm, node, prec.m, prec.l)
             new.meta["nn_module_stack"] = node.meta.get("nn_module_stack")

@@ -87,11 +87,10 @@ class LowerLUT(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         from ..ops import lut as lut_ops  # registers torch.ops.torchmerge.lut_linear
 
-        resolved = self.plan.resolve(gm)
-        targets = [n for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == "lut"]
+        targets = self.plan.targets(gm, "lut")
         parts = {}
         for node in targets:
-            prec = resolved[node.name]
+            prec = targets[node]
             parts[node] = linear_parts(node)
             if parts[node] is None:
                 raise NodeError(node, "lut lowers only linear layers (mm/addmm with a constant weight)")
@@ -99,9 +98,9 @@ class LowerLUT(GraphPass):
             if in_features % prec.group:
                 raise NodeError(node, f"{prec} needs in_features divisible by group {prec.group}, got "
                                       f"{in_features}; valid groups: multiples of 4 dividing {in_features}")
-        calibrated = self._calibrate(gm, targets, parts, resolved) if self.calibration and targets else {}
+        calibrated = self._calibrate(gm, targets, parts) if self.calibration and targets else {}
         for node in targets:
-            prec = resolved[node.name]
+            prec = targets[node]
             x, wt, bias = parts[node]
             w = wt.t().contiguous().float()
             if node in calibrated:
@@ -126,13 +125,13 @@ class LowerLUT(GraphPass):
             gm.recompile()
         return PassResult(gm, bool(targets))
 
-    def _calibrate(self, gm, targets, parts, resolved) -> dict:
+    def _calibrate(self, gm, targets, parts) -> dict:
         """{node: (scaled input node, LutWeights)}: calibrated codes, one x·(1/s) node per shared input."""
         from ..ops.lut_pack import LutWeights, pack_codes, to_blocks
 
         shared: dict = {}  # linears reading one value (through views) with one precision share a scale
         for node in targets:
-            shared.setdefault((strip_views(parts[node][0]), resolved[node.name]), []).append(node)
+            shared.setdefault((strip_views(parts[node][0]), targets[node]), []).append(node)
         first = {key: min((parts[n][0] for n in nodes), key=_order(gm)) for key, nodes in shared.items()}
         stats = collect_stats(gm, list(set(first.values())), self.calibration)
         out = {}

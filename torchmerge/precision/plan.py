@@ -185,6 +185,11 @@ class PrecisionPlan:
                 out[node.name] = prec
         return out
 
+    def targets(self, gm: fx.GraphModule, kind: str) -> dict[fx.Node, LayerPrecision]:
+        """The nodes of `gm` this plan runs in precision `kind`, in graph order (what a lowering rewrites)."""
+        resolved = self.resolve(gm)
+        return {n: resolved[n.name] for n in gm.graph.nodes if n.name in resolved and resolved[n.name].kind == kind}
+
     def validate(self, gm: fx.GraphModule) -> None:
         """Raise PlanError (one line) for keys naming nothing in `gm` or for unsupported op/precision pairs."""
         nodes = {n.name: n for n in gm.graph.nodes}
