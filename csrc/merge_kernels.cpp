@@ -4,6 +4,8 @@
 // for the whole library (-ffp-contract=off in CMakeLists.txt).
 #include "common.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -21,6 +23,8 @@ inline float load_f(const c10::BFloat16* p, int64_t i) {
   return f;
 }
 inline float load_f(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+// only to instantiate dispatch branches that the dtype checks never take (float64 is refused)
+inline float load_f(const double* p, int64_t i) { return static_cast<float>(p[i]); }
 
 // out[i] = e[i] - b[i] and acc[i] = acc[i] + (e[i] - b[i]) * w, each operation rounded to fp32,
 // compiled for AVX-512, AVX2 (auto-vectorised) and the baseline ISA.
@@ -45,15 +49,22 @@ inline float load_f(const c10::Half* p, int64_t i) { return static_cast<float>(p
       out[i] = 0.0f + d; /* a zero-filled accumulator plus the term: keeps +0 for -0 terms */     \
     }                                                                                             \
   }                                                                                               \
-  template <typename O>                                                                           \
-  ATTR void finish_loop_##SUFFIX(O* out, const float* b, const float* m, float div, bool use_div, \
+  template <typename O, typename B>                                                               \
+  ATTR void finish_loop_##SUFFIX(O* out, const B* b, const float* m, float div, bool use_div,     \
                                  float lam, bool use_lam, int64_t s, int64_t t) {                 \
     for (int64_t i = s; i < t; ++i) {                                                             \
       float x = m[i];                                                                             \
       if (use_div) x = x / div;                                                                   \
       if (use_lam) x = x * lam;                                                                   \
-      out[i] = static_cast<O>(b[i] + x); /* c10 casts round to nearest even, as Tensor.to */      \
+      out[i] = static_cast<O>(load_f(b, i) + x); /* c10 casts round to nearest even, as Tensor.to */ \
     }                                                                                             \
+  }                                                                                               \
+  /* 1 when some element's exponent bits are all ones (NaN/Inf); U is the float's bit pattern */ \
+  template <typename U>                                                                           \
+  ATTR bool nonfinite_loop_##SUFFIX(const U* p, U exp_mask, int64_t s, int64_t t) {               \
+    U any = 0;                                                                                    \
+    for (int64_t i = s; i < t; ++i) any |= U((p[i] & exp_mask) == exp_mask);                      \
+    return any != 0;                                                                              \
   }
 TM_TARGET_CLONES(__attribute__((target("avx512f,avx512bw,avx512vl"))), avx512)
 TM_TARGET_CLONES(__attribute__((target("avx2"))), avx2)
@@ -170,8 +181,10 @@ at::Tensor merge_scaled_delta(const at::Tensor& expert, const at::Tensor& base, 
 // out = base + ((mixed / divisor) * lambda), each step optional and rounded to fp32, in one pass.
 at::Tensor merge_finish(const at::Tensor& base, const at::Tensor& mixed, std::optional<double> divisor,
                         std::optional<double> lam, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(base.scalar_type() == at::kFloat && mixed.scalar_type() == at::kFloat && base.sizes() == mixed.sizes(),
-              "merge_finish: base and mixed must be float32 tensors of one shape");
+  const auto bt = base.scalar_type();
+  TORCH_CHECK((bt == at::kFloat || bt == at::kBFloat16 || bt == at::kHalf) && mixed.scalar_type() == at::kFloat &&
+                  base.sizes() == mixed.sizes(),
+              "merge_finish: base (float32/bfloat16/float16) and mixed (float32) must have one shape");
   const auto odt = out_dtype.value_or(at::kFloat);
   TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf,
               "merge_finish: out_dtype must be float32, bfloat16 or float16");
@@ -181,15 +194,47 @@ at::Tensor merge_finish(const at::Tensor& base, const at::Tensor& mixed, std::op
   const float div = divisor ? static_cast<float>(*divisor) : 1.0f;
   const float l = lam ? static_cast<float>(*lam) : 1.0f;
   const bool use_div = divisor.has_value(), use_lam = lam.has_value();
-  const float* bp = b.const_data_ptr<float>();
   const float* mp = m.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, odt, "merge_finish", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      TM_PARALLEL_ISA(b.numel(), finish_loop, o, bp, mp, div, use_div, l, use_lam);
-    }
+    using O = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bt, "merge_finish_b", [&] {
+      using B = scalar_t;
+      if constexpr (!std::is_same_v<O, double> && !std::is_same_v<B, double>) {
+        O* o = out.data_ptr<O>();
+        const B* bp = b.const_data_ptr<B>();
+        TM_PARALLEL_ISA(b.numel(), finish_loop, o, bp, mp, div, use_div, l, use_lam);
+      }
+    });
   });
   return out;
+}
+
+// No NaN/Inf in t: the exponent field of every element is not all ones. One read, no temporaries.
+bool all_finite(const at::Tensor& t) {
+  if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) return true;
+  const auto c = t.contiguous();
+  std::atomic<bool> bad{false};
+  auto scan = [&](auto* p, auto mask) {
+    using U = std::remove_const_t<std::remove_pointer_t<decltype(p)>>;
+    const Isa isa = active_isa();
+    at::parallel_for(0, c.numel(), kGrain, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e && !bad.load(std::memory_order_relaxed); i += kGrain) {
+        const int64_t j = std::min(e, i + kGrain);
+        const bool hit = isa == Isa::Avx512 ? nonfinite_loop_avx512<U>(p, U(mask), i, j)
+                       : isa == Isa::Avx2   ? nonfinite_loop_avx2<U>(p, U(mask), i, j)
+                                            : nonfinite_loop_scalar<U>(p, U(mask), i, j);
+        if (hit) bad.store(true, std::memory_order_relaxed);
+      }
+    });
+  };
+  switch (c.scalar_type()) {
+    case at::kFloat: scan(static_cast<const uint32_t*>(c.const_data_ptr()), 0x7F800000u); break;
+    case at::kDouble: scan(static_cast<const uint64_t*>(c.const_data_ptr()), 0x7FF0000000000000ull); break;
+    case at::kBFloat16: scan(static_cast<const uint16_t*>(c.const_data_ptr()), 0x7F80u); break;
+    case at::kHalf: scan(static_cast<const uint16_t*>(c.const_data_ptr()), 0x7C00u); break;
+    default: return at::isfinite(c).all().item<bool>();  // float8 and other rare types
+  }
+  return !bad.load();
 }
 
 at::Tensor merge_delta(const at::Tensor& expert, const at::Tensor& base) {
@@ -272,6 +317,7 @@ TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
   m.impl("merge_axpy_delta_", &merge_axpy_delta_);
   m.impl("merge_scaled_delta", &merge_scaled_delta);
   m.impl("merge_finish", &merge_finish);
+  m.impl("all_finite", &all_finite);
   m.impl("ties_accumulate_", &ties_accumulate_);
   m.impl("ties_resolve", &ties_resolve);
 }

@@ -232,3 +232,35 @@ def test_public_api_torchmerge_merge_is_callable(tmp_path):
     assert set(merged) == set(load_file(str(a / "model.safetensors")))
     out = torchmerge.merge(linear_spec([str(a), str(b)]), tmp_path / "out", quiet=True, shard_size="2KB")
     assert out == tmp_path / "out" and (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("method, params, invariant", [
+    ("task_arithmetic", {}, True),
+    ("ties", {"density": 0.4}, True),
+    ("dare_linear", {"density": 0.5}, False),  # rescale: l1 norms are torch reductions
+])
+def test_thread_invariant_methods_give_the_same_bytes_on_any_thread_count(tmp_path, method, params, invariant):
+    """The engine gives a core to input hashing (fewer torch threads) only for methods that declare
+    their results independent of the thread count; check that declaration on the written bytes."""
+    from torchmerge.merge import registry
+    from torchmerge.merge.engine import prepare
+
+    cfg = llama_config(hidden=64, intermediate=256, vocab=4096)  # tensors past torch's parallel grain
+    base = write_hf(tmp_path / "base", llama_tensors(cfg, 0, torch.bfloat16), cfg)
+    experts = [write_hf(tmp_path / f"e{i}", llama_tensors(cfg, i + 1, torch.bfloat16), cfg) for i in range(2)]
+    spec = {"merge_method": method, "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16", "seed": 3,
+            "models": [{"model": str(e), "parameters": {"weight": w, **params}} for e, w in zip(experts, (0.3, 0.9))]}
+    assert registry.get(method).thread_invariant(prepare(spec).global_params) is invariant
+    if not invariant:
+        return
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(read_dir(run_merge(spec, out=tmp_path / f"out{n}", quiet=True)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert json.loads((tmp_path / "out1" / "merge_manifest.json").read_text())["outputs"]["model.safetensors"] == \
+        _sha(tmp_path / "out1" / "model.safetensors")

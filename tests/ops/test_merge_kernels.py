@@ -49,6 +49,29 @@ def test_finish_rounds_like_separate_ops(isa, divisor, lam):
     assert torch.equal(torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam), base + m)
     for dtype in (torch.bfloat16, torch.float16):  # the cast rounds exactly as Tensor.to does
         assert torch.equal(torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam, dtype), (base + m).to(dtype))
+    for b_dtype in (torch.bfloat16, torch.float16):  # a stored base is read as is: fp32(b) + m
+        b = base.to(b_dtype)
+        for out_dtype in (None, torch.bfloat16):
+            want = b.float() + m if out_dtype is None else (b.float() + m).to(out_dtype)
+            assert torch.equal(torch.ops.torchmerge.merge_finish(b, mixed, divisor, lam, out_dtype), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_matches_isfinite(isa, dtype):
+    n = 3 * (1 << 16) + 17  # several parallel chunks and a ragged tail
+    big = torch.finfo(dtype).max
+    t = torch.randn(n, dtype=torch.float32).to(dtype)
+    t[5] = big  # the largest finite value has an exponent one below all ones: still finite
+    t[6] = -torch.finfo(dtype).tiny / 2  # subnormal
+    assert mk.all_finite(t) is True and bool(torch.isfinite(t).all())
+    for pos in (0, 70_000, n - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u[pos] = bad
+            assert mk.all_finite(u) is False, (pos, bad)
+    assert mk.all_finite(t[::2]) is True  # non-contiguous views are read correctly
+    assert mk.all_finite(torch.tensor([], dtype=dtype)) is True
+    assert mk.all_finite(torch.tensor([1, 2], dtype=torch.int32)) is True
 
 
 @pytest.mark.parametrize("weighted_vote, count_vote", [(True, False), (False, False), (True, True)])
@@ -98,6 +121,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.torchmerge.merge_axpy_delta_.default, (torch.zeros(64), expert, base, 0.5))
     torch.library.opcheck(torch.ops.torchmerge.merge_scaled_delta.default, (expert, base, 0.5))
     torch.library.opcheck(torch.ops.torchmerge.merge_finish.default, (base, torch.randn(64), 2.0, None))
+    torch.library.opcheck(torch.ops.torchmerge.merge_finish.default, (expert, torch.randn(64), None, 0.5, torch.bfloat16))
+    torch.library.opcheck(torch.ops.torchmerge.all_finite.default, (expert,))
     bufs = [torch.randn(64) for _ in range(5)]
     torch.library.opcheck(torch.ops.torchmerge.ties_accumulate_.default, (*bufs, torch.randn(64), 0.5, 0.5, True, False, False))
     torch.library.opcheck(torch.ops.torchmerge.ties_resolve.default, (*bufs, True))
@@ -107,6 +132,7 @@ def test_opcheck():
     (lambda: mk.merge_delta(torch.zeros(3), torch.zeros(4)), "shape"),
     (lambda: mk.merge_delta(torch.zeros(3, dtype=torch.int32), torch.zeros(3)), "float32, bfloat16 or float16"),
     (lambda: mk.merge_finish(torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16), None, None), "float32"),
+    (lambda: mk.merge_finish(torch.zeros(3, dtype=torch.int32), torch.zeros(3), None, None), "base must be float32, bfloat16 or float16"),
     (lambda: mk.merge_axpy_delta_(torch.zeros(3, dtype=torch.float16), torch.zeros(3), torch.zeros(3), 1.0), "acc"),
 ])
 def test_bad_input_names_the_argument(call, match):

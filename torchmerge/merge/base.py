@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
@@ -110,7 +110,9 @@ class ExpertTensor:
         return self._converted
 
     def _fusable(self, base: torch.Tensor) -> bool:
-        return base.dtype == torch.float32 and self.raw.dtype in _FUSED_DTYPES and self.raw.shape == base.shape
+        """The fused kernels compute in float32 and read float32/bf16/fp16 expert and base directly."""
+        return (self.compute_dtype == torch.float32 and base.dtype in _FUSED_DTYPES
+                and self.raw.dtype in _FUSED_DTYPES and self.raw.shape == base.shape)
 
     def delta_from(self, base: torch.Tensor) -> torch.Tensor:
         """τ = θ_expert − θ_base in the compute dtype (one fused pass for fp32 compute)."""
@@ -161,19 +163,48 @@ class Experts(Sequence[ExpertTensor]):
                 self._release(i)
 
 
-@dataclass
 class TensorInputs:
-    """Everything a method sees for one output tensor name."""
+    """Everything a method sees for one output tensor name.
 
-    name: str
-    base: torch.Tensor | None  # float32, None when the merge has no base model
-    experts: Experts
-    seed: int = 0
-    base_params: Mapping[str, Any] = field(default_factory=dict)  # per-model params given to the base model
-    layer_index: int | None = None  # parsed from the name (".layers.N."), None when not a layer tensor
-    num_layers: int | None = None
-    # the dtype the engine writes; a method may return it directly (saving the engine a cast pass)
-    out_dtype: torch.dtype | None = None
+    `base` is the base tensor in the compute dtype, converted on first use; `base_stored` is it as
+    read (often bf16, memory-mapped). Fused kernels that convert while they read take `base_stored`
+    and so skip a conversion pass over the base (bf16/fp16 -> fp32 is exact: the values are equal).
+    """
+
+    def __init__(self, name: str, base: torch.Tensor | None, experts: Experts, seed: int = 0,
+                 base_params: Mapping[str, Any] | None = None, layer_index: int | None = None,
+                 num_layers: int | None = None, out_dtype: torch.dtype | None = None, *,
+                 compute_dtype: torch.dtype | None = None, on_base_converted: Callable[[], None] | None = None):
+        self.name = name
+        self.base_stored = base
+        self.experts = experts
+        self.seed = seed
+        self.base_params: Mapping[str, Any] = dict(base_params or {})
+        self.layer_index = layer_index  # parsed from the name (".layers.N."), None when not a layer tensor
+        self.num_layers = num_layers
+        # the dtype the engine writes; a method may return it directly (saving the engine a cast pass)
+        self.out_dtype = out_dtype
+        self.compute_dtype = compute_dtype or (base.dtype if base is not None else torch.float32)
+        self._on_base_converted = on_base_converted  # the engine drops the stored base's mapped pages
+        self._base: torch.Tensor | None = None
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        """The base in the compute dtype (None when the merge has no base model)."""
+        if self.base_stored is None or self.base_stored.dtype == self.compute_dtype:
+            return self.base_stored
+        if self._base is None:
+            self._base = self.base_stored.to(self.compute_dtype)
+            if self._on_base_converted is not None:
+                self._on_base_converted()
+        return self._base
+
+    def fused_base(self) -> torch.Tensor | None:
+        """The base for the fused float32 kernels: as stored when they can read its dtype directly."""
+        b = self.base_stored
+        if b is not None and self.compute_dtype == torch.float32 and b.dtype in _FUSED_DTYPES:
+            return b
+        return self.base
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, salt): independent of order and threads."""
@@ -181,6 +212,10 @@ class TensorInputs:
         g = torch.Generator(device="cpu")
         g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return g
+
+    def __repr__(self) -> str:
+        shape = None if self.base_stored is None else tuple(self.base_stored.shape)
+        return f"TensorInputs({self.name!r}, base={shape}, experts={len(self.experts)})"
 
 
 class MergeMethod(ABC):
@@ -202,6 +237,12 @@ class MergeMethod(ABC):
 
     def param_specs(self) -> tuple[Param, ...]:
         return type(self).params
+
+    def thread_invariant(self, params: Mapping[str, Any]) -> bool:
+        """True when results cannot depend on torch's thread count: only elementwise ops and
+        torchmerge's own kernels, no torch reductions (whose float sums are split by thread). The
+        engine may then give a core to input hashing while merging."""
+        return False
 
     @abstractmethod
     def merge(self, inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:

@@ -56,11 +56,10 @@ def _keep_freed_memory_in_heap() -> None:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in `t`. A sum is one read-only pass (NaN/Inf anywhere make it non-finite); only a
-    non-finite sum, which a huge finite tensor could also give, pays for the exact element check."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    """No NaN/Inf in `t`: one read-only pass over its bits (torchmerge::all_finite)."""
+    from ..ops.merge_kernels import all_finite as _all_finite
+
+    return _all_finite(t)
 
 
 def load_spec(spec_or_path: Any) -> tuple[MergeSpec, dict[str, Any]]:
@@ -178,17 +177,16 @@ class _Runner:
             return ExpertTensor(plan.sources[r.source].ref, r.source, self._load(r, job), params,
                                 aux=lambda k, fns=aux_fns: fns[k](k) if k in fns else None, compute_dtype=self.compute)
 
-        base = None
-        if job.base is not None:
-            raw = self._load(job.base, job)
-            base = raw.to(self.compute)
-            if base.data_ptr() != raw.data_ptr():  # converted: the mapped pages are no longer needed
-                plan.sources[job.base.source].release()
+        base = None if job.base is None else self._load(job.base, job)
+        base_source = None if job.base is None else plan.sources[job.base.source]
         def release_expert(i: int) -> None:  # a re-read after this faults the pages back in from the file
             plan.sources[job.experts[i].source].release()
 
+        # the base stays as stored until a method asks for it in the compute dtype; once converted,
+        # its mapped pages are no longer needed
         return TensorInputs(job.out_name, base, Experts(len(job.experts), load_expert, release_expert), plan.spec.seed,
-                            base_params, job.layer_index, plan.out_num_layers, self.out_meta(job).dtype)
+                            base_params, job.layer_index, plan.out_num_layers, self.out_meta(job).dtype,
+                            compute_dtype=self.compute, on_base_converted=base_source and base_source.release)
 
     def finish_one(self, job: Job) -> torch.Tensor:
         """Merge one job, cast it to the output dtype and check it is finite (it may alias a mapped
@@ -279,17 +277,26 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
     writer = ShardedWriter(out, [runner.out_meta(j) for j in plan.jobs], parse_size(options.shard_size), options.force)
     inputs = sorted({f for s in plan.sources for f in s.files})
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging
-            input_hashes = pool.submit(lambda: {str(f): sha256_file(f) for f in inputs})
-            for job in tqdm(plan.jobs, **progress):
-                writer.write(job.out_name, runner.finish_one(job))
-                runner.release()
-            copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
-            _fix_config(writer.tmp, plan)
-            (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())
-            writer.close_shards()  # the index and every other output file exist before they are hashed
-            manifest = _manifest(plan, input_hashes.result(), writer.tmp)
-            writer.add_file("merge_manifest.json", json.dumps(manifest, indent=2).encode())
+        # one helper thread hashes the inputs, then the output shards right behind the writer
+        lend = plan.method.thread_invariant(plan.global_params)
+        with ThreadPoolExecutor(max_workers=1) as pool, _SharedCores() as cores:
+            try:
+                input_hashes = pool.submit(lambda: {str(f): sha256_file(f) for f in inputs})
+                shard_hashes = pool.submit(writer.hash_as_written)
+                for job in tqdm(plan.jobs, **progress):
+                    cores.lend_one(lend and not input_hashes.done())
+                    writer.write(job.out_name, runner.finish_one(job))
+                    runner.release()
+                cores.lend_one(False)
+                copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
+                _fix_config(writer.tmp, plan)
+                (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())
+                writer.close_shards()  # the index and every other output file exist before they are hashed
+                manifest = _manifest(plan, input_hashes.result(), shard_hashes.result(), writer.tmp)
+                writer.add_file("merge_manifest.json", json.dumps(manifest, indent=2).encode())
+            except BaseException:
+                writer.abort()  # before the pool waits for its thread: stops the shard hashing
+                raise
         return writer.finish()
     except OSError as e:
         writer.abort()
@@ -299,6 +306,28 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
     except BaseException:
         writer.abort()
         raise
+
+
+class _SharedCores:
+    """While the input hasher runs, torch's kernels use one thread fewer (at least one), for methods
+    whose results do not depend on the thread count (MergeMethod.thread_invariant).
+
+    The hasher keeps one core busy; with every core also in torch's OpenMP team, each parallel
+    kernel waits for the thread that shares a core with the hasher (and spinning workers steal
+    that core back), which made a task-arithmetic merge on 2 cores about 2x slower."""
+
+    def __enter__(self) -> "_SharedCores":
+        self.full = torch.get_num_threads()
+        self.lent = False
+        return self
+
+    def lend_one(self, lend: bool) -> None:
+        if lend != self.lent and self.full > 1:
+            torch.set_num_threads(self.full - 1 if lend else self.full)
+            self.lent = lend
+
+    def __exit__(self, *exc: object) -> None:
+        self.lend_one(False)
 
 
 def _fix_config(tmp: Path, plan: Plan) -> None:
@@ -313,10 +342,10 @@ def _fix_config(tmp: Path, plan: Plan) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _manifest(plan: Plan, input_hashes: dict[str, str], tmp: Path) -> dict:
+def _manifest(plan: Plan, input_hashes: dict[str, str], shard_hashes: dict[str, str], tmp: Path) -> dict:
     from .. import __version__
 
-    outputs = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    outputs = {f.name: shard_hashes.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     return {
         "torchmerge_version": __version__,
         "method": plan.method.name,

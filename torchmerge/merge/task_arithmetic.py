@@ -166,6 +166,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def param_specs(self) -> tuple[Param, ...]:
         return self._specs
 
+    def thread_invariant(self, params: Mapping[str, Any]) -> bool:
+        # plain sums, and the TIES trim by our own top-k kernel without rescaling (rescaling sums |δ|)
+        sparsify = self.variant.sparsify
+        return sparsify is None or (sparsify == "magnitude" and not params.get("rescale")
+                                    and params.get("trim_scope") == "tensor")
+
     # ---------------------------------------------------------------- sparsification
     def _sparsify(self, delta: torch.Tensor, expert, inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
         method = self.variant.sparsify
@@ -196,18 +202,20 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     # ---------------------------------------------------------------- merge
     def merge(self, inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
-        base = inputs.base
-        if base is None:
+        if inputs.base_stored is None:
             raise MergeError(f"tensor {inputs.name!r}: {self.name} needs a base_model")
         if len(inputs.experts) == 0:
-            return base.clone()
+            return inputs.base.clone()
+        fused = inputs.compute_dtype == _F32
+        # fp32 compute: the fused kernels read the base as stored (bf16 too), saving a conversion pass
+        base = inputs.fused_base() if fused else inputs.base
         divisor = None
         if self.variant.consensus:
             mixed = self._merge_consensus(base, inputs, params)
         else:
             mixed, divisor = self._merge_sum(base, inputs, params)
         lam = params["lambda"] if params["lambda"] != 1 else None
-        if base.dtype == _F32:  # one fused pass: base + ((mixed / divisor) · λ), same roundings
+        if fused:  # one fused pass: base + ((mixed / divisor) · λ), same roundings
             out_dtype = inputs.out_dtype if inputs.out_dtype in _FINISH_DTYPES else None
             return merge_finish(base, mixed, divisor, lam, out_dtype)
         if divisor is not None:
@@ -244,9 +252,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
         weighted_vote = params["sign_vote"] == "weighted"
         count_vote = params["consensus"] == "count"
         count_divisor = params["divisor"] == "count"
-        if base.dtype != _F32:  # the fused kernels are fp32; other compute dtypes use the torch ops
+        if inputs.compute_dtype != _F32:  # the fused kernels are fp32; other compute dtypes use the torch ops
             return self._merge_consensus_unfused(base, inputs, params)
-        buffers = [torch.empty_like(base) for _ in range(5)]  # vote, pos_sum, neg_sum, pos_div, neg_div
+        buffers = [torch.empty(base.shape, dtype=_F32) for _ in range(5)]  # vote, pos_sum, neg_sum, pos_div, neg_div
         for i, expert in enumerate(inputs.experts):
             w = expert.params["weight"]
             delta, keep = expert.delta_from(base), None

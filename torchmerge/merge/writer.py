@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -95,6 +97,11 @@ class ShardedWriter:
         self._pos = 0
         self._fh: BinaryIO | None = None
         self._shard = -1
+        # progress shared with `hash_as_written` (another thread): bytes of each shard on file, closed shards
+        self._cond = threading.Condition()
+        self._written = [0] * len(self.shards)
+        self._closed = [False] * len(self.shards)
+        self._aborted = False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         si, expected = self._order[self._pos]
@@ -106,13 +113,57 @@ class ShardedWriter:
         data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
         self._fh.write(memoryview(data) if len(data) else b"")
         self._pos += 1
+        self._publish()
+
+    def _publish(self, closed: int | None = None) -> None:
+        """Tell `hash_as_written` how far the current shard is on file (and which shard is complete)."""
+        if self._fh is not None:
+            self._fh.flush()
+        with self._cond:
+            if self._fh is not None:
+                self._written[self._shard] = self._fh.tell()
+            if closed is not None:
+                self._closed[closed] = True
+            self._cond.notify_all()
 
     def _open(self, si: int) -> None:
+        previous = self._shard
         if self._fh:
             self._fh.close()
+            self._fh = None
+            self._publish(closed=previous)
         self._shard = si
         self._fh = open(self.tmp / self.names[si], "wb")
         self._fh.write(_header_bytes(self.shards[si], {"format": "pt"}))
+
+    def hash_as_written(self) -> dict[str, str]:
+        """sha256 of every shard file, read while the shards are being written (from the page cache,
+        right behind the writer). Runs in a helper thread; returns {} when the write is aborted."""
+        hashes: dict[str, str] = {}
+        for si, name in enumerate(self.names):
+            h, pos, fd = hashlib.sha256(), 0, None
+            try:
+                while True:
+                    with self._cond:
+                        while not (self._aborted or self._closed[si] or self._written[si] > pos):
+                            self._cond.wait()
+                        if self._aborted:
+                            return {}
+                        end, closed = self._written[si], self._closed[si]
+                    if pos < end and fd is None:
+                        fd = os.open(self.tmp / name, os.O_RDONLY)
+                    while pos < end:
+                        block = os.pread(fd, min(end - pos, 1 << 24), pos)
+                        h.update(block)
+                        pos += len(block)
+                    if closed:
+                        break
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            if pos:
+                hashes[name] = h.hexdigest()
+        return hashes
 
     def add_file(self, name: str, data: bytes) -> None:
         (self.tmp / name).write_bytes(data)
@@ -122,8 +173,12 @@ class ShardedWriter:
         if self._pos != len(self._order):
             raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
         if self._fh:
+            self._publish()
             self._fh.close()
             self._fh = None
+        with self._cond:
+            self._closed = [True] * len(self.shards)
+            self._cond.notify_all()
         if len(self.shards) > 1:
             weight_map = {t.name: self.names[si] for si, t in self._order}
             total = sum(t.nbytes for _, t in self._order)
@@ -146,15 +201,30 @@ class ShardedWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        """Remove everything written (idempotent); a running `hash_as_written` returns."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
         if self._fh:
             self._fh.close()
             self._fh = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file, hashed straight from its mapped pages (no copy into a read buffer); each
+    hashed chunk is unmapped again (MADV_DONTNEED) so the process's RSS stays at one chunk."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                for start in range(0, size, chunk):
+                    h.update(view[start:start + chunk])
+                    m.madvise(mmap.MADV_DONTNEED, start, min(chunk, size - start))
+            finally:
+                view.release()
     return h.hexdigest()

@@ -9,8 +9,10 @@ uses them is bit-identical to one that doesn't (and to mergekit 0.1.5).
     merge_axpy_delta_(acc, e, b, w): acc ← acc + (fp32(e) − fp32(b)) · fp32(w)
                                      (three fp32 roundings: subtract, multiply, add; no FMA)
     merge_scaled_delta(e, b, w)    = 0 + (fp32(e) − fp32(b)) · fp32(w)   (a fresh accumulator)
-    merge_finish(b, m, div, lam)   = b + ((m / div) · lam), the division and product only when given,
+    merge_finish(b, m, div, lam)   = fp32(b) + ((m / div) · lam), the division and product only when given,
                                      optionally cast to out_dtype (round to nearest even, as Tensor.to)
+    all_finite(t)                  = no element of t is NaN or ±Inf (floating t; True otherwise),
+                                     read once at memory speed (exponent bits all ones means non-finite)
 
 TIES sign election (Yadav et al., arXiv 2306.01708, in mergekit 0.1.5's "sum" consensus form), per
 expert with trimmed task vector τ, weight w and divisor weight d (w, or 1 for the paper's count):
@@ -57,15 +59,21 @@ def merge_scaled_delta_reference(expert: torch.Tensor, base: torch.Tensor, weigh
 
 def merge_finish_reference(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None,
                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
-        raise ValueError("merge_finish: base and mixed must be float32 tensors of one shape")
+    if base.dtype not in _FLOATS or mixed.dtype != torch.float32 or base.shape != mixed.shape:
+        raise ValueError("merge_finish: base (float32/bfloat16/float16) and mixed (float32) must have one shape")
     m = mixed.clone()
     if divisor is not None:
         m /= torch.tensor(divisor, dtype=torch.float32)
     if lam is not None:
         m *= torch.tensor(lam, dtype=torch.float32)
-    out = base + m
+    out = base.float() + m
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def all_finite_reference(t: torch.Tensor) -> bool:
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def ties_accumulate_reference(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: float, div_weight: float,
@@ -131,6 +139,7 @@ define_op("ties_accumulate_",
           reference=ties_accumulate_reference, fake=_ties_acc_fake)
 define_op("ties_resolve", "(Tensor vote, Tensor pos_sum, Tensor neg_sum, Tensor pos_div, Tensor neg_div, bool normalize) -> Tensor",
           reference=ties_resolve_reference, fake=_ties_resolve_fake)
+define_op("all_finite", "(Tensor t) -> bool", reference=all_finite_reference, fake=lambda t: True)
 define_op("merge_axpy_delta_", "(Tensor(a!) acc, Tensor expert, Tensor base, float weight) -> ()",
           reference=merge_axpy_delta_reference, fake=_axpy_fake)
 
@@ -155,9 +164,9 @@ def merge_scaled_delta(expert: torch.Tensor, base: torch.Tensor, weight: float) 
 
 def merge_finish(base: torch.Tensor, mixed: torch.Tensor, divisor: float | None, lam: float | None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    if base.dtype != torch.float32 or mixed.dtype != torch.float32 or base.shape != mixed.shape:
-        raise ValueError(f"merge_finish: base and mixed must be float32 tensors of one shape, got "
-                         f"{base.dtype}{list(base.shape)} and {mixed.dtype}{list(mixed.shape)}")
+    if base.dtype not in _FLOATS or mixed.dtype != torch.float32 or base.shape != mixed.shape:
+        raise ValueError(f"merge_finish: base must be float32, bfloat16 or float16 and mixed float32, of one shape; "
+                         f"got {base.dtype}{list(base.shape)} and {mixed.dtype}{list(mixed.shape)}")
     if out_dtype not in (None, *_FLOATS):
         raise ValueError(f"merge_finish: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     return torch.ops.torchmerge.merge_finish(base, mixed, divisor, lam, out_dtype)
@@ -172,3 +181,10 @@ def ties_accumulate_(vote, pos_sum, neg_sum, pos_div, neg_div, tau, weight: floa
 
 def ties_resolve(vote, pos_sum, neg_sum, pos_div, neg_div, normalize: bool) -> torch.Tensor:
     return torch.ops.torchmerge.ties_resolve(vote, pos_sum, neg_sum, pos_div, neg_div, normalize)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when `t` has no NaN/Inf (always for integer/bool tensors): one read, no temporaries."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return torch.ops.torchmerge.all_finite(t)
