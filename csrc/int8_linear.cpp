@@ -199,8 +199,11 @@ void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t chan
     TORCH_CHECK_VALUE(t->dim() == 1 && (t->size(0) == 1 || t->size(0) == channels), op, ": ", name,
                       " must have shape [", channels, "] (per channel) or [1]; got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(shift.numel() == 0 || (shift.min().item<int32_t>() >= 0 && shift.max().item<int32_t>() <= 62),
-                    op, ": shift must be in [0, 62]");
+  // a plain loop over the (small) shift vector: torch reductions + .item() cost more than the check is worth
+  const at::Tensor sc = shift.contiguous();
+  const int32_t* sp = sc.data_ptr<int32_t>();
+  for (int64_t i = 0; i < sc.numel(); ++i)
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] <= 62, op, ": shift must be in [0, 62]; got ", sp[i]);
 }
 
 void check_out_dtype(at::ScalarType dt, const char* op) {
@@ -212,13 +215,13 @@ void check_out_dtype(at::ScalarType dt, const char* op) {
 // and cloned per ISA so the compiler vectorises it (vpmullq / vpsravq under AVX-512DQ); the baseline clone is the
 // scalar path.
 #define TM_RQ_INLINE inline __attribute__((always_inline))
-template <typename Out>
-TM_RQ_INLINE void requant_body(const int32_t* __restrict v, const int32_t* __restrict bias, const int64_t* __restrict m,
+template <typename In, typename Out>
+TM_RQ_INLINE void requant_body(const In* __restrict v, const int32_t* __restrict bias, const int64_t* __restrict m,
                                const int64_t* __restrict sh, const int64_t* __restrict rnd, Out* __restrict out,
                                int64_t rb, int64_t re, int64_t C) {
   const int64_t lo = std::numeric_limits<Out>::min(), hi = std::numeric_limits<Out>::max();
   for (int64_t r = rb; r < re; ++r) {
-    const int32_t* __restrict vr = v + r * C;
+    const In* __restrict vr = v + r * C;
     Out* __restrict o = out + r * C;
     if (bias) {
       for (int64_t c = 0; c < C; ++c) {
@@ -240,8 +243,8 @@ __attribute__((target("avx2,fma"))) void requant_body_avx2(A... a) { requant_bod
 template <typename... A>
 void requant_body_scalar(A... a) { requant_body(a...); }
 
-template <typename Out>
-void requant_rows(const int32_t* v, const int32_t* bias, const int32_t* mult, const int32_t* shift, bool per_channel,
+template <typename In, typename Out>
+void requant_rows(const In* v, const int32_t* bias, const int32_t* mult, const int32_t* shift, bool per_channel,
                   Out* out, int64_t rows, int64_t C) {
   std::vector<int64_t> m(C), sh(C), rnd(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -268,12 +271,17 @@ at::Tensor requant(const at::Tensor& v, const c10::optional<at::Tensor>& bias, c
   auto m = mult.contiguous(), s = shift.contiguous();
   const bool per_channel = m.size(0) != 1 || C == 1;
   if (rows == 0) return out;
-  if (out_dtype == at::kChar)
-    requant_rows(v.data_ptr<int32_t>(), bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel,
-                 out.data_ptr<int8_t>(), rows, C);
-  else
-    requant_rows(v.data_ptr<int32_t>(), bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel,
-                 out.data_ptr<int16_t>(), rows, C);
+  auto run = [&](const auto* vp) {
+    if (out_dtype == at::kChar)
+      requant_rows(vp, bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel, out.data_ptr<int8_t>(), rows, C);
+    else
+      requant_rows(vp, bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel, out.data_ptr<int16_t>(), rows, C);
+  };
+  switch (v.scalar_type()) {  // int8/int16 inputs are widened in the loop: no int32 copy first
+    case at::kChar: run(v.data_ptr<int8_t>()); break;
+    case at::kShort: run(v.data_ptr<int16_t>()); break;
+    default: run(v.data_ptr<int32_t>()); break;
+  }
   return out;
 }
 
@@ -304,8 +312,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 at::Tensor requantize_cpu(const at::Tensor& x, const at::Tensor& multiplier, const at::Tensor& shift,
                           at::ScalarType out_dtype) {
   const char* op = "requantize";
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kInt && x.dim() >= 1, op, ": x must be a torch.int32 tensor [..., C]; got ",
-                    x.scalar_type(), " ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_VALUE((xt == at::kInt || xt == at::kShort || xt == at::kChar) && x.dim() >= 1, op,
+                    ": x must be a torch.int32, int16 or int8 tensor [..., C]; got ", xt, " ", x.sizes());
   check_requant(multiplier, shift, x.size(-1), op);
   check_out_dtype(out_dtype, op);
   return requant(x.contiguous(), c10::nullopt, multiplier, shift, out_dtype, x.sizes());

@@ -86,6 +86,21 @@ def test_native_requantize_bit_exact():
         assert torch.equal(got, intlinear.requantize_reference(v, m, s, torch.int8))
 
 
+@native
+@pytest.mark.parametrize("in_dtype", [torch.int8, torch.int16])
+def test_requantize_narrow_inputs_equal_their_int32_widening(isa, in_dtype):
+    """int8/int16 inputs are widened inside the kernel: same result as requantizing x.to(int32) by hand."""
+    info = torch.iinfo(in_dtype)
+    v = torch.randint(info.min, info.max + 1, (67, 48), dtype=torch.int32).to(in_dtype)
+    v[0, :2] = torch.tensor([info.min, info.max])
+    mult, shift = quant.dyadic_multiplier(torch.rand(48, dtype=torch.float64) * 0.2)
+    for m, s in ((mult, shift), (mult[:1], shift[:1])):
+        for out_dtype in (torch.int8, torch.int16):
+            want = intlinear.requantize_reference(v.to(torch.int32), m, s, out_dtype)
+            assert torch.equal(intlinear.requantize_reference(v, m, s, out_dtype), want)
+            assert torch.equal(torch.ops.torchmerge.requantize(v, m, s, out_dtype), want)
+
+
 def test_end_to_end_close_to_float_linear():
     g = torch.Generator().manual_seed(3)
     xf, wf, bf = torch.randn(64, 256, generator=g), torch.randn(32, 256, generator=g) * 0.05, torch.randn(32, generator=g)
@@ -142,7 +157,9 @@ def test_bad_inputs(change, message):
 
 
 def test_requantize_bad_inputs():
-    with pytest.raises(ValueError, match="requantize: x must be a torch.int32"):
-        intlinear.requantize(torch.zeros(3, dtype=torch.int8), torch.ones(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="requantize: x must be a torch.int32, int16 or int8 tensor"):
+        intlinear.requantize(torch.zeros(3, dtype=torch.int64), torch.ones(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shift must be in \[0, 62\]"):
+        intlinear.requantize(torch.zeros(3, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.full((1,), 63, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"shift must have shape \[3\]"):
         intlinear.requantize(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), torch.ones(2, dtype=torch.int32))

@@ -81,8 +81,8 @@ def _int8_linear_fake(x, weight, bias, multiplier, shift, out_dtype):
 
 def check_requantize(x, multiplier, shift, out_dtype) -> None:
     op = "requantize"
-    if x.dtype != torch.int32 or x.dim() < 1:
-        raise ValueError(f"{op}: x must be a torch.int32 tensor [..., C]; got {x.dtype} {tuple(x.shape)}")
+    if x.dtype not in (torch.int32, torch.int16, torch.int8) or x.dim() < 1:
+        raise ValueError(f"{op}: x must be a torch.int32, int16 or int8 tensor [..., C]; got {x.dtype} {tuple(x.shape)}")
     _check_requant_params(multiplier, shift, x.shape[-1], op)
     _check_out_dtype(out_dtype, op)
 
@@ -157,7 +157,7 @@ def int8_linear(x, weight, bias, multiplier, shift, out_dtype=torch.int8):
 
 
 def requantize(x, multiplier, shift, out_dtype=torch.int8):
-    """Dyadic requantisation of int32 values; see :func:`requantize_reference`."""
+    """Dyadic requantisation of int32/int16/int8 values; see :func:`requantize_reference`."""
     return torch.ops.torchmerge.requantize(x, multiplier, shift, out_dtype)
 
 

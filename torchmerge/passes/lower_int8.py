@@ -125,6 +125,7 @@ class _Lowering:
         self.gm, self.g, self.opts, self.lowered = gm, gm.graph, opts, lowered
         self.q: dict[fx.Node, QVal] = {}
         self.cache: dict = {}
+        self.masked: dict[fx.Node, fx.Node] = {}  # float `x + mask` add -> its additive attention mask
 
     # -- helpers that emit graph nodes before self.at -------------------------------------------------
     def op(self, target, *args, **kwargs) -> fx.Node:
@@ -151,9 +152,8 @@ class _Lowering:
         if key not in self.cache:
             if v.scale == scale and v.dtype == dtype:
                 return v.node
-            x = v.node if v.dtype == torch.int32 else self.op(aten._to_copy.default, v.node, dtype=torch.int32)
-            m, s = self.dyadic(v.scale / scale)
-            self.cache[key] = self.op(torch.ops.torchmerge.requantize.default, x, m, s, dtype)
+            m, s = self.dyadic(v.scale / scale)  # requantize reads int8/int16/int32 directly
+            self.cache[key] = self.op(torch.ops.torchmerge.requantize.default, v.node, m, s, dtype)
         return self.cache[key]
 
     def as_int(self, node: fx.Node, dtype: torch.dtype, min_scale: float = 0.0) -> QVal:
@@ -178,9 +178,8 @@ class _Lowering:
             scaled = self.op(aten.round.default, self.op(aten.mul.Tensor, node, factor))
             out = self.op(aten._to_copy.default, self.op(aten.clamp.default, scaled, -128, 127), dtype=torch.int8)
         else:
-            x = v.node if v.dtype == torch.int32 else self.op(aten._to_copy.default, v.node, dtype=torch.int32)
             m, s = self.dyadic(v.scale / (smooth.double() * scale))
-            out = self.op(torch.ops.torchmerge.requantize.default, x, m, s, torch.int8)
+            out = self.op(torch.ops.torchmerge.requantize.default, v.node, m, s, torch.int8)
         return QVal(out, scale, torch.int8, amax)
 
     def quantize(self, node: fx.Node, scale: float, dtype: torch.dtype) -> fx.Node:
@@ -240,6 +239,13 @@ class _Lowering:
                 self.q[node] = QVal(v.node, v.scale * c, v.dtype, v.amax * c)
             elif is_op(node, aten.add.Tensor) and any(a in self.q for a in node.args[:2]) and self.wants_int(node):
                 self.lower_add(node)
+                changed = True
+            elif is_op(node, aten.eq.Scalar) and node.args[0] in self.masked and node.args[1] == float("-inf"):
+                self.lower_masked_eq(node)
+                changed = True
+            elif is_op(node, aten.where.self) and self.zero_or_int(node) is not None:
+                cond, v = self.zero_or_int(node)
+                self.finish(node, QVal(self.op(aten.where.ScalarSelf, cond, 0, v.node), v.scale, v.dtype, v.amax))
                 changed = True
         if changed:
             self.g.lint()
@@ -327,6 +333,41 @@ class _Lowering:
         self.finish(out_node, QVal(out, out_scale, dtype, _amax(out_node)))
         self.g.erase_node(node)
 
+    def lower_masked_eq(self, node: fx.Node) -> None:
+        """SDPA's fully-masked-row guard tests (x + mask) == -inf. x is a dequantised integer, finite and
+        far below 2^103, so the sum is -inf exactly where the mask is: test the (small, broadcast) mask
+        instead, and the float scores are no longer needed."""
+        mask = self.masked[node.args[0]]
+        shape = list(node.meta["val"].shape) if "val" in node.meta else None
+        new = self.op(aten.eq.Scalar, mask, float("-inf"))
+        if shape is not None and list(mask.meta["val"].shape) != shape:
+            new = self.op(aten.expand.default, new, shape)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(new)
+        self.g.erase_node(node)
+
+    def zero_or_int(self, node: fx.Node):
+        """(cond, QVal) for where(cond, 0, x) or where(cond, x, 0) with x integer-backed (SDPA zeroes the
+        probabilities of fully masked rows this way); the integer where keeps x's scale. Else None."""
+        cond, a, b = node.args[:3]
+
+        def is_zero(n) -> bool:
+            if isinstance(n, (int, float)):
+                return n == 0
+            return isinstance(n, fx.Node) and (
+                (is_op(n, aten.full_like.default) and n.args[1] == 0)
+                or is_op(n, aten.zeros_like.default)
+                or (is_op(n, aten.scalar_tensor.default) and n.args[0] == 0))
+
+        if not isinstance(cond, fx.Node) or node.kwargs:
+            return None
+        for zero, x in ((a, b), (b, a)):
+            if x in self.q and is_zero(zero):
+                if zero is b:  # where(cond, x, 0) == where(~cond, 0, x)
+                    cond = self.op(aten.logical_not.default, cond)
+                return cond, self.q[x]
+        return None
+
     def lower_add(self, node: fx.Node) -> None:
         a, b = node.args[:2]
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or node.kwargs:
@@ -338,6 +379,7 @@ class _Lowering:
             keep = self.op(aten.eq.Scalar, b, 0)
             out = self.op(aten.where.ScalarOther, keep, x.node, -QMAX[torch.int16] - 1)
             self.q[node] = QVal(out, x.scale, torch.int16, x.amax)
+            self.masked[node] = b
             return
         amax = _amax(node)
         scale = self.scale_for(amax, torch.int16)
