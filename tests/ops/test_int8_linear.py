@@ -163,3 +163,65 @@ def test_requantize_bad_inputs():
         intlinear.requantize(torch.zeros(3, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.full((1,), 63, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"shift must have shape \[3\]"):
         intlinear.requantize(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+
+
+# ---- int8_bmm ------------------------------------------------------------------------------------
+
+
+def _bmm_hand(a: torch.Tensor, b: torch.Tensor) -> list:
+    """Σ_k a[m, k]·b[k, n] with Python integers, batch by batch."""
+    a2, b2 = a.reshape(-1, *a.shape[-2:]).tolist(), b.reshape(-1, *b.shape[-2:]).tolist()
+    return [[[sum(x * y for x, y in zip(row, col)) for col in zip(*bm)] for row in am] for am, bm in zip(a2, b2)]
+
+
+def test_int8_bmm_reference_matches_hand_sum():
+    g = torch.Generator().manual_seed(11)
+    a = torch.randint(-128, 128, (2, 3, 5, 9), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (2, 3, 9, 4), dtype=torch.int8, generator=g)
+    got = intlinear.int8_bmm_reference(a, b)
+    assert got.dtype == torch.int32 and got.shape == (2, 3, 5, 4)
+    assert got.reshape(-1, 5, 4).tolist() == _bmm_hand(a, b)
+
+
+@native
+@pytest.mark.parametrize("sa, sb", [((384, 64, 32), (384, 32, 64)), ((12, 64, 64), (12, 64, 32)), ((3, 5, 7), (3, 7, 9)),
+                                    ((2, 2, 33, 70), (2, 2, 70, 17)), ((1, 1), (1, 1)), ((20, 130), (130, 81)),
+                                    ((4, 0, 8), (4, 8, 5)), ((2, 3, 0), (2, 0, 6))])
+def test_int8_bmm_native_exact(isa, sa, sb):
+    g = torch.Generator().manual_seed(sum(sa) + sum(sb))
+    a = torch.randint(-128, 128, sa, dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, sb, dtype=torch.int8, generator=g)
+    want = intlinear.int8_bmm_reference(a, b)
+    assert torch.equal(torch.ops.torchmerge.int8_bmm(a, b), want)
+    assert torch.equal(torch.ops.torchmerge.int8_bmm(a.transpose(-1, -2).contiguous().transpose(-1, -2), b), want)
+
+
+@native
+def test_int8_bmm_extremes_do_not_overflow(isa):
+    """All -128 at the largest K the int32 accumulator takes: the sum is exactly K·2^14 < 2^31."""
+    k = intlinear.MAX_K_BMM
+    a = torch.full((1, 2, k), -128, dtype=torch.int8)
+    b = torch.full((1, k, 3), -128, dtype=torch.int8)
+    assert torch.equal(torch.ops.torchmerge.int8_bmm(a, b), torch.full((1, 2, 3), k * 16384, dtype=torch.int32))
+    b[0, :, 1] = 127
+    assert torch.ops.torchmerge.int8_bmm(a, b)[0, 0].tolist() == [k * 16384, -k * 128 * 127, k * 16384]
+
+
+def test_int8_bmm_opcheck():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-128, 128, (3, 4, 8), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (3, 8, 6), dtype=torch.int8, generator=g)
+    torch.library.opcheck(torch.ops.torchmerge.int8_bmm.default, (a, b))
+
+
+@pytest.mark.parametrize("a, b, message", [
+    (torch.zeros(2, 3, 4), torch.zeros(2, 4, 5, dtype=torch.int8), "a must be a torch.int8 tensor"),
+    (torch.zeros(2, 3, 4, dtype=torch.int8), torch.zeros(4, 5, dtype=torch.int8), "b must be a torch.int8 tensor .* with a's 3 dims"),
+    (torch.zeros(2, 3, 4, dtype=torch.int8), torch.zeros(3, 4, 5, dtype=torch.int8), "same batch dims"),
+    (torch.zeros(2, 3, 4, dtype=torch.int8), torch.zeros(2, 5, 5, dtype=torch.int8), r"b's K \(5\) must equal a's last dim \(4\)"),
+    (torch.zeros(1, 1, 131072, dtype=torch.int8), torch.zeros(1, 131072, 1, dtype=torch.int8), "K=131072 is too large"),
+])
+def test_int8_bmm_bad_inputs(a, b, message):
+    for fn in (torch.ops.torchmerge.int8_bmm, intlinear.int8_bmm_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(a, b)

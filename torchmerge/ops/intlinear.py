@@ -4,6 +4,7 @@ Ops (namespace ``torchmerge``; kernels in csrc/int8_linear.cpp):
 
   int8_linear(Tensor x, Tensor weight, Tensor? bias, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor
   requantize(Tensor x, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor
+  int8_bmm(Tensor a, Tensor b) -> Tensor     (exact int32 a @ b of int8 activations; csrc/int8_bmm.cpp)
 
 Python helpers: :func:`int8_linear_params` turns float scales into (bias, multiplier, shift).
 """
@@ -17,6 +18,7 @@ from .quant import apply_dyadic, dyadic_multiplier
 
 ACC_BOUND = 127 * 128  # max |x_k · w_k| with x in [-128, 127] and symmetric weights in [-127, 127]
 MAX_K = (2**31 - 1) // ACC_BOUND  # 132104: largest K whose worst-case sum K·127·128 fits int32
+MAX_K_BMM = (2**31 - 1) // (128 * 128)  # 131071: both operands of int8_bmm may hold -128
 _OUT_DTYPES = (torch.int8, torch.int16)
 
 
@@ -99,6 +101,34 @@ def _requantize_fake(x, multiplier, shift, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+def check_int8_bmm(a, b) -> None:
+    """Raise a one-line ValueError naming the first bad argument of int8_bmm."""
+    op = "int8_bmm"
+    if a.dtype != torch.int8 or a.dim() < 2:
+        raise ValueError(f"{op}: a must be a torch.int8 tensor [..., M, K]; got {a.dtype} {tuple(a.shape)}")
+    if b.dtype != torch.int8 or b.dim() != a.dim():
+        raise ValueError(f"{op}: b must be a torch.int8 tensor [..., K, N] with a's {a.dim()} dims; got {b.dtype} {tuple(b.shape)}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"{op}: a and b must have the same batch dims; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if b.shape[-2] != a.shape[-1]:
+        raise ValueError(f"{op}: b's K ({b.shape[-2]}) must equal a's last dim ({a.shape[-1]})")
+    if a.shape[-1] > MAX_K_BMM:
+        raise ValueError(f"{op}: K={a.shape[-1]} is too large: the int32 accumulator holds at most K·128·128 < 2^31, "
+                         f"i.e. K ≤ {MAX_K_BMM}; split the reduction")
+
+
+def int8_bmm_reference(a, b):
+    """out[..., m, n] = Σ_k a[..., m, k] · b[..., k, n], exact in int32 (evaluated in float64, exact below 2^53)."""
+    check_int8_bmm(a, b)
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+
+def _int8_bmm_fake(a, b):
+    check_int8_bmm(a, b)
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+define_op("int8_bmm", "(Tensor a, Tensor b) -> Tensor", reference=int8_bmm_reference, fake=_int8_bmm_fake)
 define_op(
     "int8_linear",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor",
@@ -156,9 +186,14 @@ def int8_linear(x, weight, bias, multiplier, shift, out_dtype=torch.int8):
     return torch.ops.torchmerge.int8_linear(x, weight, bias, multiplier, shift, out_dtype)
 
 
+def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 batched product a @ b of int8 tensors [..., M, K] · [..., K, N] (same batch dims)."""
+    return torch.ops.torchmerge.int8_bmm(a, b)
+
+
 def requantize(x, multiplier, shift, out_dtype=torch.int8):
     """Dyadic requantisation of int32/int16/int8 values; see :func:`requantize_reference`."""
     return torch.ops.torchmerge.requantize(x, multiplier, shift, out_dtype)
 
 
-__all__ = ["int8_linear", "requantize", "set_int8_gemm", "int8_linear_params", "int8_linear_reference", "requantize_reference", "MAX_K"]
+__all__ = ["int8_linear", "int8_bmm", "requantize", "set_int8_gemm", "int8_linear_params", "int8_linear_reference", "requantize_reference", "MAX_K"]

@@ -5,8 +5,8 @@ Rewrites, per ATen node planned int8 (numerics: design doc "Numerics decisions a
   linear (mm/addmm, constant W) → int8_linear: W int8 per output channel (packed here, once), x int8 per
       tensor, int32 accumulation and bias, dyadic requantisation to int8 (when every consumer is an int8
       product) or int16;
-  matmul (bmm/mm of activations) → int8 × int8 products accumulated exactly: in fp32 when K·127·128 < 2^24
-      (every partial sum is an integer below 2^24, so the float GEMM is exact), else in fp64; int32 result;
+  matmul (bmm/mm of activations) → int8 × int8 products accumulated exactly in int32 by torchmerge::int8_bmm
+      (K ≤ 131071; beyond, in fp64, exact below 2^53); int32 result;
   softmax (last dim)  → shiftmax on int16 logits → int8 probabilities (scale 2^-7);
   gelu                → I-BERT i_gelu (default) or I-ViT shift_gelu (x·σ(1.702x)) on int16 → int32;
   layernorm           → i_layernorm on int8/int16 → int16 (feeds a residual add) or int8.
@@ -44,7 +44,6 @@ QMAX = {torch.int8: 127, torch.int16: 32767, torch.int32: 2**31 - 1}
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
          aten.transpose.int, aten.t.default, aten.expand.default, aten.clone.default, aten.unsqueeze.default,
          aten.squeeze.dim, aten.alias.default)
-EXACT_F32 = 2**24
 
 
 @dataclass(frozen=True)
@@ -266,12 +265,15 @@ class _Lowering:
         parts = linear_parts(node)
         if parts is not None:
             return self.lower_linear(node, *parts)
+        from ..ops.intlinear import MAX_K_BMM
+
         a, b = (self.as_int(x, torch.int8) for x in node.args[:2])
-        k = node.args[0].meta["val"].shape[-1]
-        wide = torch.float32 if int(k) * 127 * 128 < EXACT_F32 else torch.float64
-        fa, fb = (self.op(aten._to_copy.default, v.node, dtype=wide) for v in (a, b))
-        acc = self.op(node.target, fa, fb)
-        out = self.op(aten._to_copy.default, acc, dtype=torch.int32)
+        k = int(node.args[0].meta["val"].shape[-1])
+        if k <= MAX_K_BMM:  # exact int32 accumulation in one native op (VNNI)
+            out = self.op(torch.ops.torchmerge.int8_bmm.default, a.node, b.node)
+        else:  # exact in float64 (every partial sum is an integer below 2^53), then int32
+            fa, fb = (self.op(aten._to_copy.default, v.node, dtype=torch.float64) for v in (a, b))
+            out = self.op(aten._to_copy.default, self.op(node.target, fa, fb), dtype=torch.int32)
         self.finish(node, QVal(out, a.scale * b.scale, torch.int32, _amax(node)))
 
     def lower_linear(self, node: fx.Node, x: fx.Node, wt: torch.Tensor, bias) -> None:
