@@ -57,15 +57,18 @@ class MeanPooled(torch.nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
-def median_ms(fn, runs: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def median_ms(fns: dict, runs: int) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so every variant sees the same machine load."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,38 +126,34 @@ def main() -> None:
     model = MeanPooled(encoder).eval()
     batch = tok(sentences(32), padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     inputs = (batch["input_ids"], batch["attention_mask"])
-    rows = []
+    fns, compile_s = {}, {}
     with torch.no_grad():
         ref = model(*inputs)
-        eager_ms = median_ms(lambda: model(*inputs), args.runs)
-        rows.append(("torch fp32 eager", eager_ms, 1.0, 1.0))
-
+        fns["torch fp32 eager"] = lambda: model(*inputs)
+        workdir = tempfile.TemporaryDirectory()
         if not args.skip_ort:
-            with tempfile.TemporaryDirectory() as d:
-                run = ort_int8(model, inputs, Path(d))
-                ms = median_ms(run, args.runs)
-                rows.append(("onnxruntime quantize_dynamic int8", ms, eager_ms / ms, min_cosine(run(), ref)))
+            fns["onnxruntime quantize_dynamic int8"] = ort_int8(model, inputs, Path(workdir.name))
 
         t0 = time.perf_counter()
         inductor = torch.compile(model, backend="inductor")
         inductor(*inputs)
-        inductor_compile_s = time.perf_counter() - t0
-        rows.append(("torch.compile inductor fp32", median_ms(lambda: inductor(*inputs), args.runs), None, None))
-        rows[-1] = (rows[-1][0], rows[-1][1], eager_ms / rows[-1][1], min_cosine(inductor(*inputs), ref))
+        compile_s["inductor"] = time.perf_counter() - t0
+        fns["torch.compile inductor fp32"] = lambda: inductor(*inputs)
 
-        torch._dynamo.reset()
-        compiled, tm_compile_s = torchmerge_compiled(model, inputs, None)
-        ms = median_ms(lambda: compiled(*inputs), args.runs)
-        rows.append(("torchmerge fp32 plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
-        plan_compile: dict[str, float] = {}
-        for plan in [p for p in args.plans.split(",") if p]:
-            torch._dynamo.reset()
-            compiled, plan_compile_s = torchmerge_compiled(model, inputs, plan)
-            ms = median_ms(lambda: compiled(*inputs), args.runs)
-            rows.append((f"torchmerge {plan} plan", ms, eager_ms / ms, min_cosine(compiled(*inputs), ref)))
-            plan_compile[plan] = plan_compile_s
+        # every variant stays compiled (no dynamo reset) so the latencies can be timed round-robin
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        plans = [None] + [p for p in args.plans.split(",") if p]
+        for plan in plans:
+            compiled, compile_s[plan or "fp32"] = torchmerge_compiled(model, inputs, plan)
+            fns[f"torchmerge {plan or 'fp32'} plan"] = lambda c=compiled: c(*inputs)
+        ms = median_ms(fns, args.runs)
+        eager_ms = ms["torch fp32 eager"]
+        rows = [(name, ms[name], eager_ms / ms[name], min_cosine(fn(), ref)) for name, fn in fns.items()]
+        workdir.cleanup()
+    inductor_compile_s, tm_compile_s = compile_s["inductor"], compile_s["fp32"]
+    plan_compile = {p: compile_s[p] for p in plans if p}
 
-    print(f"all-MiniLM-L6-v2, batch 32, seq 64, {torch.get_num_threads()} threads, median of {args.runs}")
+    print(f"all-MiniLM-L6-v2, batch 32, seq 64, {torch.get_num_threads()} threads, median of {args.runs} (round-robin)")
     print(f"{'variant':40s} {'ms':>9s} {'vs eager':>9s} {'min cos':>8s}")
     for name, ms, speed, cos in rows:
         print(f"{name:40s} {ms:9.2f} {speed:8.2f}x {cos:8.4f}")

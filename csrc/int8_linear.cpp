@@ -192,9 +192,10 @@ at::Tensor accumulate(const at::Tensor& x2d, const at::Tensor& w) {
   return acc;
 }
 
-void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t channels, const char* op) {
+void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t channels, const char* op,
+                   const char* mult_name = "multiplier", const char* shift_name = "shift") {
   for (const auto* t : {&mult, &shift}) {
-    const char* name = t == &mult ? "multiplier" : "shift";
+    const char* name = t == &mult ? mult_name : shift_name;
     TORCH_CHECK_VALUE(t->scalar_type() == at::kInt, op, ": ", name, " must be torch.int32; got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 1 && (t->size(0) == 1 || t->size(0) == channels), op, ": ", name,
                       " must have shape [", channels, "] (per channel) or [1]; got ", t->sizes());
@@ -203,7 +204,7 @@ void check_requant(const at::Tensor& mult, const at::Tensor& shift, int64_t chan
   const at::Tensor sc = shift.contiguous();
   const int32_t* sp = sc.data_ptr<int32_t>();
   for (int64_t i = 0; i < sc.numel(); ++i)
-    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] <= 62, op, ": shift must be in [0, 62]; got ", sp[i]);
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] <= 62, op, ": ", shift_name, " must be in [0, 62]; got ", sp[i]);
 }
 
 void check_out_dtype(at::ScalarType dt, const char* op) {
@@ -320,11 +321,99 @@ at::Tensor requantize_cpu(const at::Tensor& x, const at::Tensor& multiplier, con
   return requant(x.contiguous(), c10::nullopt, multiplier, shift, out_dtype, x.sizes());
 }
 
+// out = sat(sat(rq(a)) + sat(rq(b))), rq(v) = (v·m + 2^(s-1)) >> s per channel c = i % C: the integer
+// residual add (I-ViT) in one pass instead of two requantize calls and a widen/add/clamp/narrow.
+template <typename A, typename B, typename Out>
+TM_RQ_INLINE void add_rq_body(const A* __restrict a, const B* __restrict b, const int64_t* __restrict ma,
+                              const int64_t* __restrict sa, const int64_t* __restrict ra, const int64_t* __restrict mb,
+                              const int64_t* __restrict sb, const int64_t* __restrict rb, Out* __restrict out,
+                              int64_t r0, int64_t r1, int64_t C) {
+  const int64_t lo = std::numeric_limits<Out>::min(), hi = std::numeric_limits<Out>::max();
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t x = (int64_t(a[r * C + c]) * ma[c] + ra[c]) >> sa[c];
+      int64_t y = (int64_t(b[r * C + c]) * mb[c] + rb[c]) >> sb[c];
+      x = x < lo ? lo : (x > hi ? hi : x);
+      y = y < lo ? lo : (y > hi ? hi : y);
+      const int64_t z = x + y;
+      out[r * C + c] = Out(z < lo ? lo : (z > hi ? hi : z));
+    }
+}
+template <typename... T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void add_rq_avx512(T... t) { add_rq_body(t...); }
+template <typename... T>
+__attribute__((target("avx2,fma"))) void add_rq_avx2(T... t) { add_rq_body(t...); }
+template <typename... T>
+void add_rq_scalar(T... t) { add_rq_body(t...); }
+
+at::Tensor add_requantized_cpu(const at::Tensor& a, const at::Tensor& ma, const at::Tensor& sa, const at::Tensor& b,
+                               const at::Tensor& mb, const at::Tensor& sb, at::ScalarType out_dtype) {
+  const char* op = "add_requantized";
+  auto is_int = [](at::ScalarType t) { return t == at::kInt || t == at::kShort || t == at::kChar; };
+  TORCH_CHECK_VALUE(is_int(a.scalar_type()) && a.dim() >= 1, op, ": a must be a torch.int32, int16 or int8 tensor [..., C]; got ",
+                    a.scalar_type(), " ", a.sizes());
+  TORCH_CHECK_VALUE(is_int(b.scalar_type()) && b.sizes() == a.sizes(), op,
+                    ": b must be a torch.int32, int16 or int8 tensor of a's shape ", a.sizes(), "; got ", b.scalar_type(), " ", b.sizes());
+  const int64_t C = a.size(-1), rows = C ? a.numel() / C : 0;
+  check_requant(ma, sa, C, op, "ma", "sa");
+  check_requant(mb, sb, C, op, "mb", "sb");
+  check_out_dtype(out_dtype, op);
+  at::Tensor out = at::empty(a.sizes(), a.options().dtype(out_dtype));
+  if (rows == 0) return out;
+  auto expand = [&](const at::Tensor& m, const at::Tensor& s, std::vector<int64_t>& mv, std::vector<int64_t>& sv,
+                    std::vector<int64_t>& rv) {
+    const auto mc = m.contiguous(), sc = s.contiguous();
+    const int32_t *mp = mc.data_ptr<int32_t>(), *sp = sc.data_ptr<int32_t>();
+    mv.resize(C), sv.resize(C), rv.resize(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ch = mc.numel() == 1 ? 0 : c;
+      mv[c] = mp[ch], sv[c] = sp[ch], rv[c] = sv[c] ? int64_t(1) << (sv[c] - 1) : 0;
+    }
+  };
+  std::vector<int64_t> mav, sav, rav, mbv, sbv, rbv;
+  expand(ma, sa, mav, sav, rav);
+  expand(mb, sb, mbv, sbv, rbv);
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  static const bool dq = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512dq"));
+  }();
+  const Isa isa = active_isa();
+  auto run = [&](const auto* ap, const auto* bp, auto* op_) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      if (isa == Isa::Avx512 && dq)
+        add_rq_avx512(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
+      else if (isa >= Isa::Avx2)
+        add_rq_avx2(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
+      else
+        add_rq_scalar(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
+    });
+  };
+  auto with_out = [&](const auto* ap, const auto* bp) {
+    if (out_dtype == at::kChar) run(ap, bp, out.data_ptr<int8_t>());
+    else run(ap, bp, out.data_ptr<int16_t>());
+  };
+  auto with_b = [&](const auto* ap) {
+    switch (bc.scalar_type()) {
+      case at::kChar: with_out(ap, bc.data_ptr<int8_t>()); break;
+      case at::kShort: with_out(ap, bc.data_ptr<int16_t>()); break;
+      default: with_out(ap, bc.data_ptr<int32_t>()); break;
+    }
+  };
+  switch (ac.scalar_type()) {
+    case at::kChar: with_b(ac.data_ptr<int8_t>()); break;
+    case at::kShort: with_b(ac.data_ptr<int16_t>()); break;
+    default: with_b(ac.data_ptr<int32_t>()); break;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchmerge, CPU, m) {
   m.impl("int8_linear", &int8_linear_cpu);
   m.impl("requantize", &requantize_cpu);
+  m.impl("add_requantized", &add_requantized_cpu);
 }
 
 TORCH_LIBRARY_IMPL(torchmerge, CompositeExplicitAutograd, m) {

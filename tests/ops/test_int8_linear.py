@@ -225,3 +225,40 @@ def test_int8_bmm_bad_inputs(a, b, message):
     for fn in (torch.ops.torchmerge.int8_bmm, intlinear.int8_bmm_reference):
         with pytest.raises(ValueError, match=message):
             fn(a, b)
+
+
+# ---- add_requantized -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a_dtype, b_dtype, out_dtype", [(torch.int16, torch.int16, torch.int16),
+                                                         (torch.int32, torch.int8, torch.int16),
+                                                         (torch.int16, torch.int32, torch.int8)])
+def test_add_requantized_equals_separate_ops(isa, a_dtype, b_dtype, out_dtype):
+    """Native and reference equal the unfused graph: requantize each term, add in int32, clamp, narrow."""
+    g = torch.Generator().manual_seed(9)
+    shape = (3, 41, 96)
+    a = torch.randint(torch.iinfo(a_dtype).min // 2, torch.iinfo(a_dtype).max // 2, shape, generator=g).to(a_dtype)
+    b = torch.randint(torch.iinfo(b_dtype).min // 2, torch.iinfo(b_dtype).max // 2, shape, generator=g).to(b_dtype)
+    a.view(-1)[:2] = torch.tensor([torch.iinfo(a_dtype).min, torch.iinfo(a_dtype).max], dtype=a_dtype)
+    ma, sa = quant.dyadic_multiplier(torch.tensor([0.7], dtype=torch.float64))
+    mb, sb = quant.dyadic_multiplier(torch.rand(96, dtype=torch.float64, generator=g) * 2)  # per channel, some > 1
+    q = torch.iinfo(out_dtype)
+    want = (intlinear.requantize_reference(a.to(torch.int32), ma, sa, out_dtype).to(torch.int32)
+            + intlinear.requantize_reference(b.to(torch.int32), mb, sb, out_dtype).to(torch.int32)).clamp(q.min, q.max).to(out_dtype)
+    assert torch.equal(intlinear.add_requantized_reference(a, ma, sa, b, mb, sb, out_dtype), want)
+    if ops.native_available():
+        assert torch.equal(torch.ops.torchmerge.add_requantized(a, ma, sa, b, mb, sb, out_dtype), want)
+    assert (want == q.max).any() or (want == q.min).any() or out_dtype == torch.int16  # saturation exercised for int8
+
+
+def test_add_requantized_opcheck_and_bad_inputs():
+    a = torch.randint(-100, 100, (4, 8), dtype=torch.int16)
+    m, s = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.torchmerge.add_requantized.default, (a, m, s, a.clone(), m, s, torch.int16))
+    for fn in (torch.ops.torchmerge.add_requantized, intlinear.add_requantized_reference):
+        with pytest.raises(ValueError, match="b must be a torch.int32, int16 or int8 tensor of a's shape"):
+            fn(a, m, s, a[:2], m, s, torch.int16)
+        with pytest.raises(ValueError, match=r"mb must have shape \[8\]"):
+            fn(a, m, s, a, torch.ones(3, dtype=torch.int32), s, torch.int16)
+        with pytest.raises(ValueError, match="out_dtype must be torch.int8 or torch.int16"):
+            fn(a, m, s, a, m, s, torch.int32)

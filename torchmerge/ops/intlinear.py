@@ -5,6 +5,8 @@ Ops (namespace ``torchmerge``; kernels in csrc/int8_linear.cpp):
   int8_linear(Tensor x, Tensor weight, Tensor? bias, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor
   requantize(Tensor x, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor
   int8_bmm(Tensor a, Tensor b) -> Tensor     (exact int32 a @ b of int8 activations; csrc/int8_bmm.cpp)
+  add_requantized(Tensor a, Tensor ma, Tensor sa, Tensor b, Tensor mb, Tensor sb, ScalarType out_dtype) -> Tensor
+      (the integer residual add: both terms requantised to one scale, saturated, summed, saturated; one pass)
 
 Python helpers: :func:`int8_linear_params` turns float scales into (bias, multiplier, shift).
 """
@@ -27,8 +29,9 @@ def _check_out_dtype(out_dtype: torch.dtype, op: str) -> None:
         raise ValueError(f"{op}: out_dtype must be torch.int8 or torch.int16; got {out_dtype}")
 
 
-def _check_requant_params(multiplier: torch.Tensor, shift: torch.Tensor, channels: int, op: str) -> None:
-    for name, t in (("multiplier", multiplier), ("shift", shift)):
+def _check_requant_params(multiplier: torch.Tensor, shift: torch.Tensor, channels: int, op: str,
+                          names: tuple[str, str] = ("multiplier", "shift")) -> None:
+    for name, t in zip(names, (multiplier, shift)):
         if t.dtype != torch.int32:
             raise ValueError(f"{op}: {name} must be torch.int32; got {t.dtype}")
         if t.dim() != 1 or t.shape[0] not in (1, channels):
@@ -96,6 +99,35 @@ def requantize_reference(x, multiplier, shift, out_dtype):
     return apply_dyadic(x, multiplier, shift, out_dtype)
 
 
+def check_add_requantized(a, ma, sa, b, mb, sb, out_dtype) -> None:
+    op = "add_requantized"
+    ints = (torch.int32, torch.int16, torch.int8)
+    if a.dtype not in ints or a.dim() < 1:
+        raise ValueError(f"{op}: a must be a torch.int32, int16 or int8 tensor [..., C]; got {a.dtype} {tuple(a.shape)}")
+    if b.dtype not in ints or b.shape != a.shape:
+        raise ValueError(f"{op}: b must be a torch.int32, int16 or int8 tensor of a's shape {tuple(a.shape)}; "
+                         f"got {b.dtype} {tuple(b.shape)}")
+    _check_requant_params(ma, sa, a.shape[-1], op, ("ma", "sa"))
+    _check_requant_params(mb, sb, a.shape[-1], op, ("mb", "sb"))
+    _check_out_dtype(out_dtype, op)
+
+
+def add_requantized_reference(a, ma, sa, b, mb, sb, out_dtype):
+    """sat(requantize(a, ma, sa) + requantize(b, mb, sb)), each term saturated to out_dtype first
+    (exactly the separate requantize, add in int32, clamp, narrow)."""
+    check_add_requantized(a, ma, sa, b, mb, sb, out_dtype)
+    check_shift_values(sa, "add_requantized")
+    check_shift_values(sb, "add_requantized")
+    q = torch.iinfo(out_dtype)
+    total = apply_dyadic(a, ma, sa, out_dtype).to(torch.int32) + apply_dyadic(b, mb, sb, out_dtype).to(torch.int32)
+    return total.clamp(q.min, q.max).to(out_dtype)
+
+
+def _add_requantized_fake(a, ma, sa, b, mb, sb, out_dtype):
+    check_add_requantized(a, ma, sa, b, mb, sb, out_dtype)
+    return a.new_empty(a.shape, dtype=out_dtype)
+
+
 def _requantize_fake(x, multiplier, shift, out_dtype):
     check_requantize(x, multiplier, shift, out_dtype)
     return x.new_empty(x.shape, dtype=out_dtype)
@@ -129,6 +161,8 @@ def _int8_bmm_fake(a, b):
 
 
 define_op("int8_bmm", "(Tensor a, Tensor b) -> Tensor", reference=int8_bmm_reference, fake=_int8_bmm_fake)
+define_op("add_requantized", "(Tensor a, Tensor ma, Tensor sa, Tensor b, Tensor mb, Tensor sb, ScalarType out_dtype) -> Tensor",
+          reference=add_requantized_reference, fake=_add_requantized_fake)
 define_op(
     "int8_linear",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor multiplier, Tensor shift, ScalarType out_dtype) -> Tensor",

@@ -22,7 +22,8 @@ sentences). Calibrating on 32 short templated sentences instead: 0.978 without m
 0.987 with int8 ×1.5 (which costs ≈0.001-0.003 on varied calibration), so the default is ×1.25.
 Between them values stay integer: views/permutes/clones act on the integer tensor, multiplication by a positive
 constant only changes the scale, an additive attention mask becomes where(mask == 0, x, qmin), and a residual
-add whose result feeds an integer op is requantised into the int16 residual stream (I-ViT). Float consumers
+add whose result feeds an integer op is requantised into the int16 residual stream (I-ViT; one add_requantized
+when both terms are integer). Float consumers
 read a dequantised copy (int · scale); integers change type only through requantize (dyadic, never float).
 """
 
@@ -244,7 +245,10 @@ class _Lowering:
                 changed = True
             elif is_op(node, aten.where.self) and self.zero_or_int(node) is not None:
                 cond, v = self.zero_or_int(node)
-                self.finish(node, QVal(self.op(aten.where.ScalarSelf, cond, 0, v.node), v.scale, v.dtype, v.amax))
+                # x · [not cond] in x's integer dtype: exact, and inductor vectorises it at full width
+                # (a where on an int8 tensor with a bool row condition became a 16-lane masked blend)
+                keep = self.op(aten._to_copy.default, self.op(aten.logical_not.default, cond), dtype=v.dtype)
+                self.finish(node, QVal(self.op(aten.mul.Tensor, v.node, keep), v.scale, v.dtype, v.amax))
                 changed = True
         if changed:
             self.g.lint()
@@ -340,11 +344,12 @@ class _Lowering:
         far below 2^103, so the sum is -inf exactly where the mask is: test the (small, broadcast) mask
         instead, and the float scores are no longer needed."""
         mask = self.masked[node.args[0]]
-        shape = list(node.meta["val"].shape) if "val" in node.meta else None
+        # not expanded to the scores' shape: the row reductions that follow then run over the (heads-times
+        # smaller) mask and broadcast like the float graph did; the graph is re-traced by the inner compiler
         new = self.op(aten.eq.Scalar, mask, float("-inf"))
-        if shape is not None and list(mask.meta["val"].shape) != shape:
-            new = self.op(aten.expand.default, new, shape)
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        if "val" in mask.meta:
+            new.meta["val"] = mask.meta["val"] == float("-inf")
         node.replace_all_uses_with(new)
         self.g.erase_node(node)
 
@@ -385,6 +390,11 @@ class _Lowering:
             return
         amax = _amax(node)
         scale = self.scale_for(amax, torch.int16)
+        if a in self.q and b in self.q:  # both integer: one fused pass (add_requantized)
+            (ma, sa), (mb, sb) = self.dyadic(self.q[a].scale / scale), self.dyadic(self.q[b].scale / scale)
+            out = self.op(torch.ops.torchmerge.add_requantized.default, self.q[a].node, ma, sa, self.q[b].node, mb, sb,
+                          torch.int16)
+            return self.finish(node, QVal(out, scale, torch.int16, amax))
         parts = [self.to_scale(self.q[v], scale, torch.int16) if v in self.q else self.quantize(v, scale, torch.int16)
                  for v in (a, b)]
         wide = [self.op(aten._to_copy.default, p, dtype=torch.int32) for p in parts]
