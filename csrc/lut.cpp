@@ -67,8 +67,15 @@ void build_group(Problem& p, const float* x, int64_t m, int64_t g) {
   for (int64_t e = 0; e < nt * 16; ++e) q[e] = int8_t(int((T[e] / ts + 12582912.0f) - 12582912.0f));
 }
 
-// byte position -> row inside a 64-row block (lut_pack.row_of_position)
-inline int row_of(int pos) { return 32 * ((pos / 8) % 2) + 8 * (pos / 16) + pos % 8; }
+// Nibble slot (byte = slot / 2, high nibble iff slot odd) among the bits·64 bytes of one chunk of
+// the index of row r, bit-plane i, table half a (lut_pack.nibble_slots).
+inline int slot_of(int bits, int r, int i, int a) {
+  if (bits == 4) return 2 * (64 * (r / 16) + 4 * (r % 16) + i) + a;
+  if (bits == 2) return 2 * (64 * (r / 32) + 4 * (r % 16) + 2 * a + i) + (r / 16) % 2;
+  const int pos = 16 * ((r % 32) / 8) + 8 * (r / 32) + r % 8;  // inverse of lut_pack.row_of_position
+  return 2 * (64 * i + pos) + a;
+}
+inline int nibble_at(const uint8_t* chunk, int slot) { return (chunk[slot >> 1] >> (4 * (slot & 1))) & 15; }
 
 // Address of the 64 group parameters of (block nb, group g); element size 2 (float16) or 4 (float32).
 inline const void* param_at(const Problem& p, const void* base, int64_t g, int64_t nb) {
@@ -91,28 +98,32 @@ inline void combine_scalar(const Problem& p, int64_t nb, int64_t m, int64_t g, c
 void block_scalar(const Problem& p, int64_t nb, int64_t m, float* y) {
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
   const int64_t cpg = p.G / 8;
+  int16_t slot[RB][4][2];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < p.bits; ++i)
+      for (int a = 0; a < 2; ++a) slot[r][i][a] = int16_t(slot_of(p.bits, r, i, a));
   float P[RB];
   for (int64_t g = 0; g < p.ng; ++g) {
     if (p.int8) {
       int32_t acc[RB] = {0};
       const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
-        for (int i = 0; i < p.bits; ++i) {
-          const uint8_t* v = qb + (c * p.bits + i) * RB;
-          for (int pos = 0; pos < RB; ++pos)
-            acc[row_of(pos)] += (T[2 * c * 16 + (v[pos] & 15)] + T[(2 * c + 1) * 16 + (v[pos] >> 4)]) * (1 << i);
-        }
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const uint8_t* v = qb + c * p.bits * RB;
+        for (int i = 0; i < p.bits; ++i)
+          for (int r = 0; r < RB; ++r)
+            acc[r] += (T[2 * c * 16 + nibble_at(v, slot[r][i][0])] + T[(2 * c + 1) * 16 + nibble_at(v, slot[r][i][1])]) * (1 << i);
+      }
       for (int r = 0; r < RB; ++r) P[r] = float(acc[r]);
       combine_scalar(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
     } else {
       std::fill(P, P + RB, 0.f);
       const float* T = p.tables.data() + m * (p.K / 4) * 16;
-      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
-        for (int i = 0; i < p.bits; ++i) {
-          const uint8_t* v = qb + (c * p.bits + i) * RB;
-          for (int pos = 0; pos < RB; ++pos)
-            P[row_of(pos)] += (T[2 * c * 16 + (v[pos] & 15)] + T[(2 * c + 1) * 16 + (v[pos] >> 4)]) * float(1 << i);
-        }
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+        const uint8_t* v = qb + c * p.bits * RB;
+        for (int i = 0; i < p.bits; ++i)
+          for (int r = 0; r < RB; ++r)
+            P[r] += (T[2 * c * 16 + nibble_at(v, slot[r][i][0])] + T[(2 * c + 1) * 16 + nibble_at(v, slot[r][i][1])]) * float(1 << i);
+      }
       combine_scalar(p, nb, m, g, P, 0.5f, y);
     }
   }
@@ -217,6 +228,95 @@ TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) 
   }
 }
 
+
+// ---- b = 2 and b = 4: row-major words (lut_pack docstring); a 32-bit word holds 4 lookups of one row.
+#define TM_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// int8 tables, AVX512-VNNI: per 64-byte line, 2 byte shuffles and 2 vpdpbusd (u8 multipliers 2^i ×
+// s8 lookups -> int32 row sums), exact. b = 4: line l = rows 16l.., low nibbles table 2c, high 2c+1.
+// b = 2: line l, low nibbles rows 32l.., high 32l+16..; bytes 2, 3 of a word look up table 2c+1.
+template <int MT>
+TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int8_t* T[MT];
+  for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const bool four = p.bits == 4;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i w = _mm512_set1_epi32(four ? 0x08040201 : 0x02010201);
+  const __mmask64 second = 0xCCCCCCCCCCCCCCCCull;  // bytes 2, 3 of every word
+  constexpr int S = MT <= 2 ? 2 : 1;  // b = 4: separate low/high accumulators shorten the vpdpbusd chains
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m512i acc[MT][S][4];
+    for (int r = 0; r < MT; ++r)
+      for (int s = 0; s < S; ++s)
+        for (int q = 0; q < 4; ++q) acc[r][s][q] = _mm512_setzero_si512();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* line = qb + c * p.bits * RB;
+      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      __m512i TA[MT], TB[MT];
+      for (int r = 0; r < MT; ++r) {
+        TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
+        TB[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + (2 * c + 1) * 16)));
+      }
+      if (four) {
+        for (int l = 0; l < 4; ++l) {
+          const __m512i v = _mm512_loadu_si512(line + l * RB);
+          const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          for (int r = 0; r < MT; ++r) {
+            acc[r][0][l] = _mm512_dpbusd_epi32(acc[r][0][l], w, _mm512_shuffle_epi8(TA[r], lo));
+            acc[r][S - 1][l] = _mm512_dpbusd_epi32(acc[r][S - 1][l], w, _mm512_shuffle_epi8(TB[r], hi));
+          }
+        }
+      } else {
+        for (int l = 0; l < 2; ++l) {
+          const __m512i v = _mm512_loadu_si512(line + l * RB);
+          const __m512i idx[2] = {_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)};
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < MT; ++r) {
+              const __m512i L = _mm512_mask_shuffle_epi8(_mm512_shuffle_epi8(TA[r], idx[h]), second, TB[r], idx[h]);
+              acc[r][0][2 * l + h] = _mm512_dpbusd_epi32(acc[r][0][2 * l + h], w, L);
+            }
+        }
+      }
+    }
+    for (int r = 0; r < MT; ++r) {
+      __m512 P[4];
+      for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(S == 2 ? _mm512_add_epi32(acc[r][0][q], acc[r][S - 1][q]) : acc[r][0][q]);
+      combine512(p, nb, m0 + r, g, P, 0.5f * p.ts[(m0 + r) * p.ng + g], y + r * RB);
+    }
+  }
+}
+
+// fp32 tables: vpermps reads the low 4 bits of each word shifted right by the nibble's bit offset.
+TM_AVX512 void block_dpf_512(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const float* T = p.tables.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const bool four = p.bits == 4;
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m512 P[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const __m512 TA = _mm512_loadu_ps(T + 2 * c * 16), TB = _mm512_loadu_ps(T + (2 * c + 1) * 16);
+      const uint8_t* line = qb + c * p.bits * RB;
+      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      for (int l = 0; l < p.bits; ++l) {
+        const __m512i v = _mm512_loadu_si512(line + l * RB);
+        for (int h = 0; h < (four ? 1 : 2); ++h)
+          for (int i = 0; i < (four ? 4 : 2); ++i) {
+            // b = 4: plane i = byte i, halves = nibbles; b = 2: plane i = byte i (+2 for half 1), rows = nibble h
+            const int sa = four ? 8 * i : 8 * i + 4 * h, sb = four ? 8 * i + 4 : 16 + 8 * i + 4 * h;
+            const __m512 L = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, sa), TA),
+                                           _mm512_permutexvar_ps(_mm512_srli_epi32(v, sb), TB));
+            const int q = four ? l : 2 * l + h;
+            P[q] = _mm512_fmadd_ps(L, _mm512_set1_ps(float(1 << i)), P[q]);
+          }
+      }
+    }
+    combine512(p, nb, m, g, P, 0.5f, y);
+  }
+}
+
 TM_AVX2 inline void combine256(const Problem& p, int64_t nb, int64_t m, int64_t g, const __m256* P, float f, float* y) {
   const __m256 fv = _mm256_set1_ps(f), sxv = _mm256_set1_ps(p.sx[m * p.ng + g]);
   for (int u = 0; u < 8; ++u) {
@@ -297,6 +397,79 @@ TM_AVX2 void block_f32_256(const Problem& p, int64_t nb, int64_t m, float* y) {
   }
 }
 
+// b = 2 and 4 on AVX2: 32-byte halves u of line l hold 8 words; int16 pairs from vpmaddubsw are summed
+// into int32 words by vpmaddwd with ones. Row vector (8 rows): b = 4: 2l + u; b = 2: 4l + 2h + u.
+TM_AVX2 void block_dp_256(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int8_t* T = p.tq.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const bool four = p.bits == 4;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i w = _mm256_set1_epi32(four ? 0x08040201 : 0x02010201);
+  const __m256i second = _mm256_set1_epi32(int(0xFFFF0000u));  // bytes 2, 3 of every word
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m256i a32[8];
+    for (auto& a : a32) a = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const __m256i TA = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
+      const __m256i TB = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
+      const uint8_t* line = qb + c * p.bits * RB;
+      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      for (int l = 0; l < p.bits; ++l)
+        for (int u = 0; u < 2; ++u) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(line + l * RB + 32 * u));
+          const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          if (four) {
+            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w, _mm256_shuffle_epi8(TA, lo)),
+                                                 _mm256_maddubs_epi16(w, _mm256_shuffle_epi8(TB, hi)));
+            a32[2 * l + u] = _mm256_add_epi32(a32[2 * l + u], _mm256_madd_epi16(s16, ones));
+          } else {
+            const __m256i idx[2] = {lo, hi};
+            for (int h = 0; h < 2; ++h) {
+              const __m256i L = _mm256_blendv_epi8(_mm256_shuffle_epi8(TA, idx[h]), _mm256_shuffle_epi8(TB, idx[h]), second);
+              a32[4 * l + 2 * h + u] = _mm256_add_epi32(a32[4 * l + 2 * h + u], _mm256_madd_epi16(_mm256_maddubs_epi16(w, L), ones));
+            }
+          }
+        }
+    }
+    __m256 P[8];
+    for (int u = 0; u < 8; ++u) P[u] = _mm256_cvtepi32_ps(a32[u]);
+    combine256(p, nb, m, g, P, 0.5f * p.ts[m * p.ng + g], y);
+  }
+}
+
+TM_AVX2 void block_dpf_256(const Problem& p, int64_t nb, int64_t m, float* y) {
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const float* T = p.tables.data() + m * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const bool four = p.bits == 4;
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m256 P[8];
+    for (auto& v : P) v = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const float* ta = T + 2 * c * 16;
+      const __m256 A0 = _mm256_loadu_ps(ta), A1 = _mm256_loadu_ps(ta + 8);
+      const __m256 B0 = _mm256_loadu_ps(ta + 16), B1 = _mm256_loadu_ps(ta + 24);
+      const uint8_t* line = qb + c * p.bits * RB;
+      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      for (int l = 0; l < p.bits; ++l)
+        for (int u = 0; u < 2; ++u) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(line + l * RB + 32 * u));
+          for (int h = 0; h < (four ? 1 : 2); ++h)
+            for (int i = 0; i < (four ? 4 : 2); ++i) {
+              const int sa = four ? 8 * i : 8 * i + 4 * h, sb = four ? 8 * i + 4 : 16 + 8 * i + 4 * h;
+              // index bit 3 (word bit s+3) moved to the sign bit selects the upper 8 entries
+              const __m256 L = _mm256_add_ps(lookup16(A0, A1, _mm256_srli_epi32(v, sa), _mm256_slli_epi32(v, 28 - sa)),
+                                             lookup16(B0, B1, _mm256_srli_epi32(v, sb), _mm256_slli_epi32(v, 28 - sb)));
+              const int q = four ? 2 * l + u : 4 * l + 2 * h + u;
+              P[q] = _mm256_fmadd_ps(L, _mm256_set1_ps(float(1 << i)), P[q]);
+            }
+        }
+    }
+    combine256(p, nb, m, g, P, 0.5f, y);
+  }
+}
+
 at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const std::optional<at::Tensor>& zeros, int64_t out_features, int64_t bits,
                           int64_t group_size, bool int8_tables,
@@ -346,11 +519,14 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   const float* pb = bias ? bias_c.data_ptr<float>() : nullptr;
   const Isa isa = active_isa();
-  // A kernel handles `mt` consecutive activation rows (the AVX-512 int8 one up to 4, the others 1).
+  // A kernel handles `mt` consecutive activation rows (the AVX-512 int8 ones up to 4, the others 1).
   using BlockFn = void (*)(const Problem&, int64_t, int64_t, float*);
-  const bool tiled = isa == Isa::Avx512 && p.int8;
-  BlockFn one = isa == Isa::Avx512 ? (p.int8 ? block_int8_512<1> : block_f32_512)
-              : isa == Isa::Avx2   ? (p.int8 ? block_int8_256 : block_f32_256)
+  const bool dp = p.bits == 2 || p.bits == 4;  // row-major word layout
+  const bool vnni = isa == Isa::Avx512 && has_avx512_vnni();
+  const bool tiled = isa == Isa::Avx512 && p.int8 && (!dp || vnni);
+  BlockFn one = isa == Isa::Avx512 ? (p.int8 ? (dp ? (vnni ? block_dp_512<1> : block_dp_256) : block_int8_512<1>)
+                                             : (dp ? block_dpf_512 : block_f32_512))
+              : isa == Isa::Avx2   ? (p.int8 ? (dp ? block_dp_256 : block_int8_256) : (dp ? block_dpf_256 : block_f32_256))
                                    : block_scalar;
   constexpr int64_t MT = 4;
   at::parallel_for(0, p.NB, 1, [&](int64_t b, int64_t e) {
@@ -359,8 +535,9 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       for (int64_t m0 = 0; m0 < p.M; m0 += tiled ? MT : 1) {
         const int64_t mt = tiled ? std::min(MT, p.M - m0) : 1;
         std::fill(y, y + mt * RB, 0.f);
-        BlockFn fn = !tiled ? one : mt == 4 ? block_int8_512<4> : mt == 3 ? block_int8_512<3>
-                   : mt == 2 ? block_int8_512<2> : block_int8_512<1>;
+        BlockFn fn = !tiled ? one
+                   : dp ? (mt == 4 ? block_dp_512<4> : mt == 3 ? block_dp_512<3> : mt == 2 ? block_dp_512<2> : block_dp_512<1>)
+                        : (mt == 4 ? block_int8_512<4> : mt == 3 ? block_int8_512<3> : mt == 2 ? block_int8_512<2> : block_int8_512<1>);
         fn(p, nb, m0, y);
         const int64_t rows = std::min(RB, p.N - nb * RB);
         for (int64_t r = 0; r < mt; ++r)

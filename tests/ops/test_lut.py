@@ -30,16 +30,39 @@ def test_row_positions_match_documented_layout():
 
 
 def test_pack_codes_bit_layout_by_hand():
+    # b = 1, 3 (plane-major): byte 64·i + p is bit-plane i of the 8 weights of row(p)
     q = torch.zeros(70, 16, dtype=torch.int64)
-    q[40, 9] = 0b1010  # row 40 = block 0, position 24; k = 9 = chunk 1, bit 1
-    q[65, 0] = 0b0001  # row 65 = block 1, row 1 -> position 1; chunk 0, bit 0
-    packed = pack_codes(q, 4)
-    assert packed.shape == (2, 2, 4, 64) and packed.dtype == torch.uint8
-    assert int(packed[0, 1, 1, 24]) == 0b10 and int(packed[0, 1, 3, 24]) == 0b10
-    assert int(packed[0, 1, 0, 24]) == 0 and int(packed[0, 1, 2, 24]) == 0
+    q[40, 9] = 0b110  # row 40 = block 0, position 24; k = 9 = chunk 1, bit 1 (low nibble)
+    q[65, 0] = 0b001  # row 65 = block 1, row 1 -> position 1; chunk 0, bit 0
+    packed = pack_codes(q, 3)
+    assert packed.shape == (2, 2, 3, 64) and packed.dtype == torch.uint8
+    assert int(packed[0, 1, 1, 24]) == 0b10 and int(packed[0, 1, 2, 24]) == 0b10
     assert int(packed[1, 0, 0, 1]) == 1
     assert int(packed.to(torch.int64).sum()) == 0b10 + 0b10 + 1
+    assert torch.equal(unpack_codes(packed, 3, 70), q)
+
+
+def test_pack_codes_word_layout_by_hand():
+    # b = 4: byte 64·⌊r/16⌋ + 4·(r mod 16) + i of a chunk is plane i of row r (low nibble k 0..3, high 4..7)
+    q = torch.zeros(70, 16, dtype=torch.int64)
+    q[40, 9] = 0b1010  # row 40: line 2, word 8 -> bytes 160 + i of chunk 1; k = 9: low nibble, bit 1
+    q[3, 13] = 0b0100  # row 3: line 0, word 3 -> byte 12 + 2 of chunk 1; k = 13: high nibble, bit 1
+    q[65, 0] = 0b0001  # block 1, row 1 -> byte 4 of chunk 0, bit 0
+    packed = pack_codes(q, 4)
+    assert packed.shape == (2, 2, 4, 64)
+    flat = packed.reshape(2, 2, 256)
+    assert int(flat[0, 1, 161]) == 0b10 and int(flat[0, 1, 163]) == 0b10
+    assert int(flat[0, 1, 14]) == 0b10 << 4 and int(flat[1, 0, 4]) == 1
+    assert int(packed.to(torch.int64).sum()) == 0b10 + 0b10 + (0b10 << 4) + 1
     assert torch.equal(unpack_codes(packed, 4, 70), q)
+    # b = 2: byte 64·⌊r/32⌋ + 4·(r mod 16) + 2·a + i, low nibble for r mod 32 < 16, high otherwise
+    q = torch.zeros(64, 8, dtype=torch.int64)
+    q[49, 2] = 0b11  # row 49: line 1, word 1, high nibble; k = 2: half 0, bit 2 -> bytes 68, 69
+    q[5, 6] = 0b10  # row 5: line 0, word 5, low nibble; k = 6: half 1, bit 2, plane 1 -> byte 23
+    flat = pack_codes(q, 2).reshape(128)
+    assert int(flat[68]) == int(flat[69]) == 0b100 << 4 and int(flat[23]) == 0b100
+    assert int(flat.to(torch.int64).sum()) == 2 * (0b100 << 4) + 0b100
+    assert torch.equal(unpack_codes(flat.reshape(1, 1, 2, 64), 2, 64), q)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -99,7 +122,9 @@ def test_int8_tables_within_documented_bound(isa, bits, group):
     assert (got - exact).abs().max() > 0  # the int8 path really quantises
 
 
-@pytest.mark.parametrize("case", ["n_tail", "bias_bf16", "fp16_scales", "one_row", "wide_group", "batched"])
+@pytest.mark.parametrize(
+    "case", ["n_tail", "bias_bf16", "fp16_scales", "one_row", "wide_group", "batched", "rows_b2", "rows_b4"]
+)
 @pytest.mark.parametrize("int8_tables", [False, True])
 def test_kernel_matches_reference(isa, case, int8_tables):
     n, k, m, bits, group, sym, bias, sdt, xdt = 130, 256, 3, 3, 32, False, False, torch.float32, torch.float32
@@ -111,6 +136,14 @@ def test_kernel_matches_reference(isa, case, int8_tables):
         n, m, bits = 64, 1, 1
     elif case == "wide_group":
         k, group, bits = 2048, 1024, 4  # int16 partial sums are flushed inside a group
+    elif case.startswith("rows_b"):  # the word layout with 1 and 2 activation rows per kernel pass
+        bits, group, sym = int(case[-1]), 8, True
+        for m_ in (1, 2):
+            w, x = _data(n, k, m=m_, seed=m_)
+            packed = pack_lut_weights(w, bits, group, sym)
+            torch.testing.assert_close(lut_linear(x, packed, bits, group, int8_tables=int8_tables),
+                                       lut_linear_reference(x, *packed, bits, group, int8_tables), rtol=1e-4, atol=1e-4)
+        return
     w, x = _data(n, k, m=m, seed=len(case))
     packed = pack_lut_weights(w, bits, group, sym, scale_dtype=sdt)
     b = torch.randn(n) if bias else None

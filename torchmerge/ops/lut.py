@@ -31,9 +31,12 @@ Exact math (``lut_linear_reference`` defines it; rows m of x, G = group_size, g 
 4. int8-table error bound: every |Tq·ts − T| ≤ ts/2, hence
        |y_int8 − y_fp32| ≤ Σ_g |s_g(n)| · (2^b − 1) · G · ts_g / 16   (+ fp32 rounding).
 
-Kernels: lookups by byte shuffle (vpshufb, 16-byte int8 table per 128-bit lane) on AVX-512BW and AVX2,
-vpmaddubsw with multipliers 2^i combines bit-planes in int16, flushed to int32 at least every 64 inputs;
-fp32 tables use vpermps. Scalar fallback everywhere.
+Kernels: lookups by byte shuffle (vpshufb, 16-byte int8 table per 128-bit lane) on AVX-512BW and AVX2.
+b = 1, 3 (plane-major bytes): vpmaddubsw with multipliers 2^i combines bit-planes in int16, flushed to
+int32 at least every 64 inputs. b = 2, 4 (row-major words, lut_pack docstring): the 4 lookups in a
+32-bit word belong to one row, so one vpdpbusd (AVX512-VNNI) with byte multipliers 2^i adds them
+straight into int32 (AVX2 and AVX-512 without VNNI: vpmaddubsw then vpmaddwd). fp32 tables use
+vpermps on the (shifted) index bytes. Scalar fallback everywhere.
 """
 
 from __future__ import annotations

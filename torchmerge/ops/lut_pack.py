@@ -15,12 +15,27 @@ is ternary {−s, 0, +s}; symmetric b = 1 is {−s/2, +s/2}.
 
 Packed layout (``LutWeights``), NB = ceil(N/64), KC = K/8:
 
-* ``qweight``: uint8 [NB, KC, b, 64]. Byte [nb, c, i, p] holds bit-plane i of 8 weights of one row
-  n = 64·nb + row(p), k = 8c .. 8c+7: bit β of the byte is bit i of q[n, 8c + β]. So the low nibble is
-  the 4-bit table index for activations 8c..8c+3 and the high nibble for 8c+4..8c+7.
-  Within the 64 bytes, position p = 16·lane + 8·h + j (lane < 4, h < 2, j < 8) holds row
-  row(p) = 32·h + 8·lane + j: after a per-128-bit-lane byte shuffle, unpacklo/unpackhi of the two
-  lookups and vpmaddubsw, the int16 results come out in natural row order. Rows ≥ N are zero padding.
+* ``qweight``: uint8 [NB, KC, b, 64]. Every nibble is a 4-bit table index: for row n = 64·nb + r,
+  chunk c (k = 8c .. 8c+7), bit-plane i and half a ∈ {0, 1}, nibble (r, i, a) holds bit i of
+  q[n, 8c + 4a .. 8c + 4a + 3] (bit j of the nibble = bit i of q[n, 8c + 4a + j]), the index into the
+  table of activations 8c + 4a .. 8c + 4a + 3. The b·64 bytes of qweight[nb, c] hold the 128·b nibbles
+  of that block and chunk; nibble (r, i, a) sits in byte β, low nibble (η = 0) or high (η = 1), with
+  (``nibble_slots``, slot 2β + η):
+
+  - b = 1 or 3 (plane-major): β = 64·i + p(r), η = a, where p = 16·lane + 8·h + j (lane < 4, h < 2,
+    j < 8) holds row r = 32·h + 8·lane + j (``row_of_position``): so byte 64·i + p is bit-plane i of
+    the 8 weights of one row; after a per-128-bit-lane byte shuffle, unpacklo/unpackhi of the two
+    lookups and vpmaddubsw, the int16 results come out in natural row order.
+  - b = 4 (row-major words): β = 64·⌊r/16⌋ + 4·(r mod 16) + i, η = a. Read as little-endian 32-bit
+    words, word j of 64-byte line l holds the 4 planes of row 16·l + j, byte i = plane i: the low
+    nibbles of a line index the first table of the chunk, the high nibbles the second, and one
+    vpdpbusd with byte multipliers (1, 2, 4, 8) sums the 4 lookups of a row into an int32 lane.
+  - b = 2 (row-major words): β = 64·⌊r/32⌋ + 4·(r mod 16) + 2·a + i, η = ⌊r/16⌋ mod 2: word j of
+    line l holds rows 32·l + j (low nibbles) and 32·l + 16 + j (high nibbles), byte 2·a + i =
+    plane i, half a; a lookup picks table 2c + a by the byte's position in the word, and vpdpbusd
+    with multipliers (1, 2, 1, 2) sums them per row.
+
+  Rows ≥ N are zero padding.
 * ``scales``: float32 (or float16, ``scale_dtype``) [NB, K/group_size, 64]: scales[nb, g, r] is s of row 64·nb + r (natural row order),
   group g; padding rows hold 0. Blocked so the kernel streams one block's scales contiguously.
 * ``zeros``: like ``scales`` (same dtype) holding integer-valued zero points (asymmetric), or None (symmetric: z above).
@@ -52,10 +67,27 @@ def symmetric_zero(bits: int) -> float:
 
 
 def row_of_position() -> torch.Tensor:
-    """row(p) = 32·h + 8·lane + j for byte position p = 16·lane + 8·h + j (int64 [64])."""
+    """row(p) = 32·h + 8·lane + j for byte position p = 16·lane + 8·h + j (int64 [64]; b = 1, 3)."""
     p = torch.arange(ROWS_PER_BLOCK)
     lane, h, j = p // 16, (p // 8) % 2, p % 8
     return 32 * h + 8 * lane + j
+
+
+def nibble_slots(bits: int) -> torch.Tensor:
+    """slot [64, bits, 2] (int64): nibble (r, i, a) of a chunk is nibble slot % 2 of byte slot // 2
+    among its ``bits``·64 bytes (module docstring)."""
+    r = torch.arange(ROWS_PER_BLOCK).reshape(-1, 1, 1)
+    i = torch.arange(bits).reshape(1, -1, 1)
+    a = torch.arange(2).reshape(1, 1, -1)
+    if bits == 4:
+        byte, nib = 64 * (r // 16) + 4 * (r % 16) + i, a
+    elif bits == 2:
+        byte, nib = 64 * (r // 32) + 4 * (r % 16) + 2 * a + i, (r // 16) % 2
+    else:
+        pos = torch.empty(ROWS_PER_BLOCK, dtype=torch.int64)
+        pos[row_of_position()] = torch.arange(ROWS_PER_BLOCK)
+        byte, nib = 64 * i + pos.reshape(-1, 1, 1), a
+    return (2 * byte + nib).expand(ROWS_PER_BLOCK, bits, 2)
 
 
 def to_blocks(t: torch.Tensor) -> torch.Tensor:
@@ -118,28 +150,32 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     n, k = q.shape
     nb = -(-n // ROWS_PER_BLOCK)
     out = torch.empty(nb, k // 8, bits, ROWS_PER_BLOCK, dtype=torch.uint8)
-    shifts = torch.arange(8, dtype=torch.int32)
+    slots = nibble_slots(bits).reshape(-1)
+    weights = 1 << torch.arange(4, dtype=torch.int32)
     for b0 in range(0, nb, 16):  # 1024 rows at a time bound the int32 temporaries
         b1 = min(nb, b0 + 16)
         qp = torch.zeros((b1 - b0) * ROWS_PER_BLOCK, k, dtype=torch.int32)
         rows = q[b0 * ROWS_PER_BLOCK : b1 * ROWS_PER_BLOCK]
         qp[: rows.shape[0]] = rows
-        planes = torch.stack([(qp >> i) & 1 for i in range(bits)])  # [b, rows, K]
-        bytes_ = (planes.reshape(bits, -1, k // 8, 8) << shifts).sum(-1)  # [b, rows, KC]
-        bytes_ = bytes_.reshape(bits, b1 - b0, ROWS_PER_BLOCK, k // 8).permute(1, 3, 0, 2)  # [NB, KC, b, rows]
-        out[b0:b1] = bytes_[..., row_of_position()].to(torch.uint8)
+        qp = qp.reshape(b1 - b0, ROWS_PER_BLOCK, k // 8, 1, 2, 4)  # [NB, r, c, 1, a, j]
+        nib = (((qp >> torch.arange(bits, dtype=torch.int32).reshape(-1, 1, 1)) & 1) * weights).sum(-1)  # [NB, r, c, i, a]
+        nib = nib.permute(0, 2, 1, 3, 4).reshape(b1 - b0, k // 8, -1)  # [NB, c, (r, i, a)]
+        flat = torch.empty_like(nib)
+        flat[..., slots] = nib
+        bytes_ = flat[..., 0::2] | (flat[..., 1::2] << 4)
+        out[b0:b1] = bytes_.reshape(b1 - b0, k // 8, bits, ROWS_PER_BLOCK).to(torch.uint8)
     return out
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: integer codes int64 [N, K]."""
     nb, kc = qweight.shape[0], qweight.shape[1]
-    natural = torch.empty_like(qweight)
-    natural[..., row_of_position()] = qweight  # [NB, KC, b, row]
-    by = natural.to(torch.int64).permute(2, 0, 3, 1).reshape(bits, nb * ROWS_PER_BLOCK, kc, 1)
-    planes = ((by >> torch.arange(8)) & 1).reshape(bits, nb * ROWS_PER_BLOCK, kc * 8)
-    q = sum(planes[i] << i for i in range(bits))
-    return q[:n]
+    by = qweight.to(torch.int64).reshape(nb, kc, -1)
+    flat = torch.stack([by & 15, by >> 4], dim=-1).reshape(nb, kc, -1)  # slot 2β + η
+    nib = flat[..., nibble_slots(bits).reshape(-1)].reshape(nb, kc, ROWS_PER_BLOCK, bits, 2, 1)  # [NB, c, r, i, a, 1]
+    bit = (nib >> torch.arange(4)) & 1  # [NB, c, r, i, a, j]
+    q = (bit << torch.arange(bits).reshape(-1, 1, 1)).sum(3)  # [NB, c, r, a, j]
+    return q.permute(0, 2, 1, 3, 4).reshape(nb * ROWS_PER_BLOCK, kc * 8)[:n]
 
 
 def pack_lut_weights(
