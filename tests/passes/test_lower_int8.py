@@ -142,6 +142,44 @@ def _compiled(model, inner, **options):
     return torch.compile(model, backend="torchmerge", options={"plan": INT8, "inner": inner, **options})
 
 
+def test_attention_stays_integer_including_the_fully_masked_row_guard():
+    """SDPA's guard `(scores + mask) == -inf` must not keep a float copy of the scores: both attention
+    products are int8_bmm, and no float tensor of the scores' [batch, heads, q, k] shape is left."""
+    model = BertHidden(tiny_bert())
+    ids, mask = torch.randint(0, 64, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    gm = _lower(model, (ids, mask))
+    targets = _targets(gm)
+    layers = targets.count("torchmerge.int8_bmm.default") // 2
+    assert layers >= 1 and targets.count("torchmerge.int8_bmm.default") == 2 * layers
+    assert "aten.bmm.default" not in targets
+    scores_shaped_floats = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                            and n.meta["val"].is_floating_point() and n.meta["val"].dim() == 4 and n.meta["val"].shape[1] > 1]
+    assert not scores_shaped_floats, [n.name for n in scores_shaped_floats]
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_fully_padded_sequence_matches_eager(fresh_dynamo, inner):
+    """A sequence whose attention mask is all zero: SDPA zeroes its attention rows; so must the integer graph."""
+    model = BertHidden(tiny_bert())
+    ids, mask = torch.randint(0, 64, (4, 12)), torch.ones(4, 12, dtype=torch.long)
+    mask[2] = 0
+    with torch.no_grad():
+        out, ref = _compiled(model, inner)(ids, mask), model(ids, mask)
+    assert _cos_min(out, ref) > 0.999
+    assert _cos_min(out[2:3], ref[2:3]) > 0.999
+
+
+def test_tiny_bert_int8_dynamic_shapes(fresh_dynamo):
+    model = BertHidden(tiny_bert())
+    compiled = torch.compile(model, backend="torchmerge", options={"plan": INT8, "inner": "inductor"}, dynamic=True)
+    with torch.no_grad():
+        for batch, length in ((4, 12), (3, 9)):
+            ids, mask = torch.randint(0, 64, (batch, length)), torch.ones(batch, length, dtype=torch.long)
+            mask[0, length - 2:] = 0
+            assert _cos_min(compiled(ids, mask), model(ids, mask)) > 0.999
+
+
 def _cos_min(a, b):
     return nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).min().item()
 

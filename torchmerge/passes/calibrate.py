@@ -137,7 +137,7 @@ def _digest_into(h, batches) -> None:
         for t in batch:
             if isinstance(t, torch.Tensor):
                 h.update(str((t.dtype, tuple(t.shape))).encode())
-                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
             else:
                 h.update(repr(t).encode())
 
