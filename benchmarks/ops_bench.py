@@ -179,6 +179,9 @@ def lut_section(cfg: BenchConfig) -> list[Row]:
                 "fp32": lambda: F.linear(x, w),
                 "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(xb, int4, 32, scales_zeros),
             }
+            for b, p in packed.items():  # yardstick: a plain sum over as many bytes as the b-bit kernel reads
+                nbytes = p.qweight.numel() + p.scales.numel() * p.scales.element_size()
+                fns[f"read{b}"] = lambda t=torch.ones(nbytes // 4): t.sum()
             for b, p in packed.items():
                 for tab in ("int8", "fp32"):
                     # each variant reads its own copy of the weights: timed right after the int8-table call,
@@ -196,6 +199,9 @@ def _lut_rows(t: dict[str, float], shape: str, n: int, k: int, scales_zeros: tor
                 _gb_per_s(n * k // 2 + scales_zeros.numel() * 2, t["int4pack"]))]
     for b, p in packed.items():
         nbytes = p.qweight.numel() + p.scales.numel() * p.scales.element_size()
+        rows.append(Row("lut", f"read reference, {b}-bit bytes {shape}", t[f"read{b}"], "int4pack",
+                        t["int4pack"] / t[f"read{b}"], "torch sum over as many bytes (memory-bandwidth yardstick); "
+                        + _gb_per_s(nbytes, t[f"read{b}"])))
         for tab in ("int8", "fp32"):
             key = f"b{b} {tab}"
             note = f"{t['fp32'] / t[key]:.2f}x F.linear; " + _gb_per_s(nbytes, t[key])
