@@ -244,23 +244,55 @@ __attribute__((target("avx2,fma"))) void requant_body_avx2(A... a) { requant_bod
 template <typename... A>
 void requant_body_scalar(A... a) { requant_body(a...); }
 
-template <typename In, typename Out>
-void requant_rows(const In* v, const int32_t* bias, const int32_t* mult, const int32_t* shift, bool per_channel,
-                  Out* out, int64_t rows, int64_t C) {
-  std::vector<int64_t> m(C), sh(C), rnd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t ch = per_channel ? c : 0;
-    m[c] = mult[ch], sh[c] = shift[ch], rnd[c] = sh[c] ? int64_t(1) << (sh[c] - 1) : 0;
+// Per-channel dyadic parameters widened to int64 once per call: multiplier, shift and rounding term
+// 2^(s-1) (0 for s = 0); a [1] multiplier/shift applies to every channel.
+struct Dyadic {
+  std::vector<int64_t> m, sh, rnd;
+  Dyadic(const at::Tensor& mult, const at::Tensor& shift, int64_t C) : m(C), sh(C), rnd(C) {
+    const at::Tensor mc = mult.contiguous(), sc = shift.contiguous();
+    const int32_t *mp = mc.data_ptr<int32_t>(), *sp = sc.data_ptr<int32_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ch = mc.numel() == 1 ? 0 : c;
+      m[c] = mp[ch], sh[c] = sp[ch], rnd[c] = sh[c] ? int64_t(1) << (sh[c] - 1) : 0;
+    }
   }
+};
+
+// The integer activations requantisation reads: int32 accumulators or int8/int16 values (widened in the loop).
+bool is_requant_input(at::ScalarType t) { return t == at::kInt || t == at::kShort || t == at::kChar; }
+
+// f(typed data pointer) for an int8/int16/int32 tensor.
+template <typename F>
+void with_int_data(const at::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kChar: f(t.data_ptr<int8_t>()); break;
+    case at::kShort: f(t.data_ptr<int16_t>()); break;
+    default: f(t.data_ptr<int32_t>()); break;
+  }
+}
+
+enum class RqPath { Avx512, Avx2, Scalar };
+
+// Rows of C channels in parallel, each range run as f(path, begin, end) on the widest path the CPU and the
+// ISA setting allow (the int64 multiplies vectorise under AVX-512DQ).
+template <typename F>
+void rq_parallel(int64_t rows, int64_t C, F&& f) {
   static const bool dq = [] {
     __builtin_cpu_init();
     return bool(__builtin_cpu_supports("avx512dq"));
   }();
   const Isa isa = active_isa();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    if (isa == Isa::Avx512 && dq) requant_body_avx512(v, bias, m.data(), sh.data(), rnd.data(), out, b, e, C);
-    else if (isa >= Isa::Avx2) requant_body_avx2(v, bias, m.data(), sh.data(), rnd.data(), out, b, e, C);
-    else requant_body_scalar(v, bias, m.data(), sh.data(), rnd.data(), out, b, e, C);
+  const RqPath path = isa == Isa::Avx512 && dq ? RqPath::Avx512 : isa >= Isa::Avx2 ? RqPath::Avx2 : RqPath::Scalar;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t b, int64_t e) { f(path, b, e); });
+}
+
+template <typename In, typename Out>
+void requant_rows(const In* v, const int32_t* bias, const Dyadic& d, Out* out, int64_t rows, int64_t C) {
+  rq_parallel(rows, C, [&](RqPath path, int64_t b, int64_t e) {
+    if (path == RqPath::Avx512) requant_body_avx512(v, bias, d.m.data(), d.sh.data(), d.rnd.data(), out, b, e, C);
+    else if (path == RqPath::Avx2) requant_body_avx2(v, bias, d.m.data(), d.sh.data(), d.rnd.data(), out, b, e, C);
+    else requant_body_scalar(v, bias, d.m.data(), d.sh.data(), d.rnd.data(), out, b, e, C);
   });
 }
 
@@ -269,20 +301,13 @@ at::Tensor requant(const at::Tensor& v, const c10::optional<at::Tensor>& bias, c
   const int64_t C = v.size(-1), rows = C ? v.numel() / C : 0;
   at::Tensor out = at::empty(out_shape, v.options().dtype(out_dtype));
   const int32_t* bp = bias ? bias->data_ptr<int32_t>() : nullptr;
-  auto m = mult.contiguous(), s = shift.contiguous();
-  const bool per_channel = m.size(0) != 1 || C == 1;
   if (rows == 0) return out;
+  const Dyadic d(mult, shift, C);
   auto run = [&](const auto* vp) {
-    if (out_dtype == at::kChar)
-      requant_rows(vp, bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel, out.data_ptr<int8_t>(), rows, C);
-    else
-      requant_rows(vp, bp, m.data_ptr<int32_t>(), s.data_ptr<int32_t>(), per_channel, out.data_ptr<int16_t>(), rows, C);
+    if (out_dtype == at::kChar) requant_rows(vp, bp, d, out.data_ptr<int8_t>(), rows, C);
+    else requant_rows(vp, bp, d, out.data_ptr<int16_t>(), rows, C);
   };
-  switch (v.scalar_type()) {  // int8/int16 inputs are widened in the loop: no int32 copy first
-    case at::kChar: run(v.data_ptr<int8_t>()); break;
-    case at::kShort: run(v.data_ptr<int16_t>()); break;
-    default: run(v.data_ptr<int32_t>()); break;
-  }
+  with_int_data(v, run);  // int8/int16 inputs are widened in the loop: no int32 copy first
   return out;
 }
 
@@ -313,9 +338,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 at::Tensor requantize_cpu(const at::Tensor& x, const at::Tensor& multiplier, const at::Tensor& shift,
                           at::ScalarType out_dtype) {
   const char* op = "requantize";
-  const auto xt = x.scalar_type();
-  TORCH_CHECK_VALUE((xt == at::kInt || xt == at::kShort || xt == at::kChar) && x.dim() >= 1, op,
-                    ": x must be a torch.int32, int16 or int8 tensor [..., C]; got ", xt, " ", x.sizes());
+  TORCH_CHECK_VALUE(is_requant_input(x.scalar_type()) && x.dim() >= 1, op,
+                    ": x must be a torch.int32, int16 or int8 tensor [..., C]; got ", x.scalar_type(), " ", x.sizes());
   check_requant(multiplier, shift, x.size(-1), op);
   check_out_dtype(out_dtype, op);
   return requant(x.contiguous(), c10::nullopt, multiplier, shift, out_dtype, x.sizes());
@@ -349,10 +373,9 @@ void add_rq_scalar(T... t) { add_rq_body(t...); }
 at::Tensor add_requantized_cpu(const at::Tensor& a, const at::Tensor& ma, const at::Tensor& sa, const at::Tensor& b,
                                const at::Tensor& mb, const at::Tensor& sb, at::ScalarType out_dtype) {
   const char* op = "add_requantized";
-  auto is_int = [](at::ScalarType t) { return t == at::kInt || t == at::kShort || t == at::kChar; };
-  TORCH_CHECK_VALUE(is_int(a.scalar_type()) && a.dim() >= 1, op, ": a must be a torch.int32, int16 or int8 tensor [..., C]; got ",
+  TORCH_CHECK_VALUE(is_requant_input(a.scalar_type()) && a.dim() >= 1, op, ": a must be a torch.int32, int16 or int8 tensor [..., C]; got ",
                     a.scalar_type(), " ", a.sizes());
-  TORCH_CHECK_VALUE(is_int(b.scalar_type()) && b.sizes() == a.sizes(), op,
+  TORCH_CHECK_VALUE(is_requant_input(b.scalar_type()) && b.sizes() == a.sizes(), op,
                     ": b must be a torch.int32, int16 or int8 tensor of a's shape ", a.sizes(), "; got ", b.scalar_type(), " ", b.sizes());
   const int64_t C = a.size(-1), rows = C ? a.numel() / C : 0;
   check_requant(ma, sa, C, op, "ma", "sa");
@@ -360,51 +383,23 @@ at::Tensor add_requantized_cpu(const at::Tensor& a, const at::Tensor& ma, const 
   check_out_dtype(out_dtype, op);
   at::Tensor out = at::empty(a.sizes(), a.options().dtype(out_dtype));
   if (rows == 0) return out;
-  auto expand = [&](const at::Tensor& m, const at::Tensor& s, std::vector<int64_t>& mv, std::vector<int64_t>& sv,
-                    std::vector<int64_t>& rv) {
-    const auto mc = m.contiguous(), sc = s.contiguous();
-    const int32_t *mp = mc.data_ptr<int32_t>(), *sp = sc.data_ptr<int32_t>();
-    mv.resize(C), sv.resize(C), rv.resize(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t ch = mc.numel() == 1 ? 0 : c;
-      mv[c] = mp[ch], sv[c] = sp[ch], rv[c] = sv[c] ? int64_t(1) << (sv[c] - 1) : 0;
-    }
-  };
-  std::vector<int64_t> mav, sav, rav, mbv, sbv, rbv;
-  expand(ma, sa, mav, sav, rav);
-  expand(mb, sb, mbv, sbv, rbv);
+  const Dyadic da(ma, sa, C), db(mb, sb, C);
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  static const bool dq = [] {
-    __builtin_cpu_init();
-    return bool(__builtin_cpu_supports("avx512dq"));
-  }();
-  const Isa isa = active_isa();
   auto run = [&](const auto* ap, const auto* bp, auto* op_) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      if (isa == Isa::Avx512 && dq)
-        add_rq_avx512(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
-      else if (isa >= Isa::Avx2)
-        add_rq_avx2(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
-      else
-        add_rq_scalar(ap, bp, mav.data(), sav.data(), rav.data(), mbv.data(), sbv.data(), rbv.data(), op_, r0, r1, C);
+    rq_parallel(rows, C, [&](RqPath path, int64_t r0, int64_t r1) {
+      const int64_t *m1 = da.m.data(), *s1 = da.sh.data(), *q1 = da.rnd.data();
+      const int64_t *m2 = db.m.data(), *s2 = db.sh.data(), *q2 = db.rnd.data();
+      if (path == RqPath::Avx512) add_rq_avx512(ap, bp, m1, s1, q1, m2, s2, q2, op_, r0, r1, C);
+      else if (path == RqPath::Avx2) add_rq_avx2(ap, bp, m1, s1, q1, m2, s2, q2, op_, r0, r1, C);
+      else add_rq_scalar(ap, bp, m1, s1, q1, m2, s2, q2, op_, r0, r1, C);
     });
   };
-  auto with_out = [&](const auto* ap, const auto* bp) {
-    if (out_dtype == at::kChar) run(ap, bp, out.data_ptr<int8_t>());
-    else run(ap, bp, out.data_ptr<int16_t>());
-  };
-  auto with_b = [&](const auto* ap) {
-    switch (bc.scalar_type()) {
-      case at::kChar: with_out(ap, bc.data_ptr<int8_t>()); break;
-      case at::kShort: with_out(ap, bc.data_ptr<int16_t>()); break;
-      default: with_out(ap, bc.data_ptr<int32_t>()); break;
-    }
-  };
-  switch (ac.scalar_type()) {
-    case at::kChar: with_b(ac.data_ptr<int8_t>()); break;
-    case at::kShort: with_b(ac.data_ptr<int16_t>()); break;
-    default: with_b(ac.data_ptr<int32_t>()); break;
-  }
+  with_int_data(ac, [&](const auto* ap) {
+    with_int_data(bc, [&](const auto* bp) {
+      if (out_dtype == at::kChar) run(ap, bp, out.data_ptr<int8_t>());
+      else run(ap, bp, out.data_ptr<int16_t>());
+    });
+  });
   return out;
 }
 
