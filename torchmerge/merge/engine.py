@@ -287,7 +287,6 @@ def _write(plan: Plan, runner: _Runner, out: Path, options: MergeOptions, progre
                     cores.lend_one(lend and not input_hashes.done())
                     writer.write(job.out_name, runner.finish_one(job))
                     runner.release()
-                cores.lend_one(False)
                 copy_config_files(plan.config_source.config_dir if plan.config_source else None, writer.tmp)
                 _fix_config(writer.tmp, plan)
                 (writer.tmp / "mergekit_config.yml").write_text(plan.spec.to_yaml())

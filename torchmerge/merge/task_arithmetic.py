@@ -207,8 +207,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if len(inputs.experts) == 0:
             return inputs.base.clone()
         fused = inputs.compute_dtype == _F32
-        # fp32 compute: the fused kernels read the base as stored (bf16 too), saving a conversion pass
-        base = inputs.fused_base() if fused else inputs.base
+        base = inputs.fused_base()  # fp32 compute: as stored (bf16 too), the kernels convert while reading
         divisor = None
         if self.variant.consensus:
             mixed = self._merge_consensus(base, inputs, params)

@@ -243,12 +243,7 @@ class _Lowering:
             elif is_op(node, aten.eq.Scalar) and node.args[0] in self.masked and node.args[1] == float("-inf"):
                 self.lower_masked_eq(node)
                 changed = True
-            elif is_op(node, aten.where.self) and self.zero_or_int(node) is not None:
-                cond, v = self.zero_or_int(node)
-                # x · [not cond] in x's integer dtype: exact, and inductor vectorises it at full width
-                # (a where on an int8 tensor with a bool row condition became a 16-lane masked blend)
-                keep = self.op(aten._to_copy.default, self.op(aten.logical_not.default, cond), dtype=v.dtype)
-                self.finish(node, QVal(self.op(aten.mul.Tensor, v.node, keep), v.scale, v.dtype, v.amax))
+            elif is_op(node, aten.where.self) and self.lower_zero_where(node):
                 changed = True
         if changed:
             self.g.lint()
@@ -353,9 +348,11 @@ class _Lowering:
         node.replace_all_uses_with(new)
         self.g.erase_node(node)
 
-    def zero_or_int(self, node: fx.Node):
-        """(cond, QVal) for where(cond, 0, x) or where(cond, x, 0) with x integer-backed (SDPA zeroes the
-        probabilities of fully masked rows this way); the integer where keeps x's scale. Else None."""
+    def lower_zero_where(self, node: fx.Node) -> bool:
+        """where(cond, 0, x) or where(cond, x, 0) with x integer-backed (SDPA zeroes the probabilities of
+        fully masked rows this way) becomes x · keep in x's integer dtype and scale: exact, and inductor
+        vectorises it at full width (a where on int8 with a bool row condition became a 16-lane masked
+        blend). Returns whether it rewrote `node`."""
         cond, a, b = node.args[:3]
 
         def is_zero(n) -> bool:
@@ -367,13 +364,15 @@ class _Lowering:
                 or (is_op(n, aten.scalar_tensor.default) and n.args[0] == 0))
 
         if not isinstance(cond, fx.Node) or node.kwargs:
-            return None
+            return False
         for zero, x in ((a, b), (b, a)):
             if x in self.q and is_zero(zero):
-                if zero is b:  # where(cond, x, 0) == where(~cond, 0, x)
-                    cond = self.op(aten.logical_not.default, cond)
-                return cond, self.q[x]
-        return None
+                v = self.q[x]
+                keep = cond if zero is b else self.op(aten.logical_not.default, cond)  # 1 where x is kept
+                factor = self.op(aten._to_copy.default, keep, dtype=v.dtype)
+                self.finish(node, QVal(self.op(aten.mul.Tensor, v.node, factor), v.scale, v.dtype, v.amax))
+                return True
+        return False
 
     def lower_add(self, node: fx.Node) -> None:
         a, b = node.args[:2]
