@@ -11,14 +11,13 @@
 
 namespace torchmerge {
 
-// Best instruction set a kernel may use. Kernels keep a Scalar path; Avx2 needs avx2+fma;
-// Avx512 needs avx512f+bw+vl (VNNI is probed separately with has_avx512_vnni()).
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Instruction-set tiers, each including the ones below it. Kernels keep a Scalar path; Avx2 needs
+// avx2+fma; Avx512 needs avx512f+bw+vl; Avx512Vnni adds avx512vnni (vpdpbusd, Cascade Lake on);
+// Avx512Vbmi adds avx512vbmi as well (vpermb, Ice Lake and Zen 4 on). Compare with >=.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Avx512Vbmi = 4 };
 
-// Best supported ISA, or the override set with torchmerge::_set_cpu_isa (tests force Scalar with it).
+// Best supported tier, or the one forced with torchmerge::_set_cpu_isa (tests run every tier with it).
 Isa active_isa();
-// Whether the CPU has AVX512-VNNI (vpdpbusd); only meaningful when active_isa() == Isa::Avx512.
-bool has_avx512_vnni();
 const char* isa_name(Isa isa);
 
 // Round half up, then arithmetic shift: floor(v / 2^s + 1/2), s in [0, 62].

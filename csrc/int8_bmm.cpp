@@ -140,7 +140,7 @@ at::Tensor int8_bmm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const int8_t* bp = bc.data_ptr<int8_t>();
   int32_t* op_ = out.data_ptr<int32_t>();
   const Isa isa = active_isa();
-  const bool vnni = isa == Isa::Avx512 && has_avx512_vnni();
+  const bool vnni = isa >= Isa::Avx512Vnni;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     PackedB pb;

@@ -179,14 +179,14 @@ at::Tensor accumulate(const at::Tensor& x2d, const at::Tensor& w) {
   const Isa isa = active_isa();
   const int backend = g_gemm_backend.load(std::memory_order_relaxed);
   // oneDNN picks its own ISA, so it is only used when AVX-512 is allowed (never under a forced scalar/AVX2 path).
-  if (isa == Isa::Avx512 && (backend == 1 || (backend == 0 && prefer_onednn(M)))) return at::_int_mm(x2d, w.t());
+  if (isa >= Isa::Avx512 && (backend == 1 || (backend == 0 && prefer_onednn(M)))) return at::_int_mm(x2d, w.t());
   at::Tensor acc = at::empty({M, N}, x2d.options().dtype(at::kInt));
   if (M == 0 || N == 0) return acc;
   const int8_t* xp = x2d.data_ptr<int8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
   int32_t* ap = acc.data_ptr<int32_t>();
   if (K == 0) acc.zero_();
-  else if (isa == Isa::Avx512 && has_avx512_vnni()) gemm_vnni(xp, wp, ap, M, N, K);
+  else if (isa >= Isa::Avx512Vnni) gemm_vnni(xp, wp, ap, M, N, K);
   else if (isa >= Isa::Avx2) gemm_avx2(xp, wp, ap, M, N, K);
   else gemm_scalar(xp, wp, ap, M, N, K);
   return acc;
@@ -282,7 +282,7 @@ void rq_parallel(int64_t rows, int64_t C, F&& f) {
     return bool(__builtin_cpu_supports("avx512dq"));
   }();
   const Isa isa = active_isa();
-  const RqPath path = isa == Isa::Avx512 && dq ? RqPath::Avx512 : isa >= Isa::Avx2 ? RqPath::Avx2 : RqPath::Scalar;
+  const RqPath path = isa >= Isa::Avx512 && dq ? RqPath::Avx512 : isa >= Isa::Avx2 ? RqPath::Avx2 : RqPath::Scalar;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t b, int64_t e) { f(path, b, e); });
 }

@@ -35,7 +35,7 @@ int vec_level() {  // 2: avx512 (+dq), 1: avx2, 0: scalar
     return bool(__builtin_cpu_supports("avx512dq"));
   }();
   const Isa isa = active_isa();
-  return isa == Isa::Avx512 ? (dq ? 2 : 1) : (isa == Isa::Avx2 ? 1 : 0);
+  return isa >= Isa::Avx512 ? (dq ? 2 : 1) : (isa == Isa::Avx2 ? 1 : 0);
 }
 
 #define TM_DISPATCH(fn, ...)                   \

@@ -311,11 +311,11 @@ at::Tensor lmul_matmul_cpu(const at::Tensor& a, const at::Tensor& b, int64_t m, 
   o.ab = ab.data(); o.bb = bb.data(); o.C = offset_constant(l);
   float* po = out.data_ptr<float>();
   const Isa isa = active_isa();
-  const bool vec = isa != Isa::Scalar && o.M > 0 && prepare_vector(o, isa == Isa::Avx512 ? 64 : 32);
+  const bool vec = isa != Isa::Scalar && o.M > 0 && prepare_vector(o, isa >= Isa::Avx512 ? 64 : 32);
   at::parallel_for(0, (o.M + RCHUNK - 1) / RCHUNK, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * RCHUNK, r1 = std::min(o.M, r0 + RCHUNK);
-      if (vec) vector_rows(o, po, r0, r1, isa == Isa::Avx512);
+      if (vec) vector_rows(o, po, r0, r1, isa >= Isa::Avx512);
       else scalar_rows(o, po, r0, r1, 0, o.N);
     }
   });

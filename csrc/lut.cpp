@@ -142,11 +142,10 @@ at::Tensor lut_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const float* pb = bias ? bias_c.data_ptr<float>() : nullptr;
   const Isa isa = active_isa();
   // The AVX-512 int8-table kernels handle up to MT activation rows per call, the others one.
-  const bool vnni = isa == Isa::Avx512 && has_avx512_vnni();
-  const bool tiled = isa == Isa::Avx512 && p.int8 && avx512_kernel(p, 1, vnni) != nullptr;
+  const bool tiled = isa >= Isa::Avx512 && p.int8 && avx512_kernel(p, 1, isa) != nullptr;
   auto kernel = [&](int64_t mt) -> BlockFn {
-    if (isa == Isa::Avx512) {
-      const BlockFn fn = avx512_kernel(p, mt, vnni);
+    if (isa >= Isa::Avx512) {
+      const BlockFn fn = avx512_kernel(p, mt, isa);
       return fn ? fn : avx2_kernel(p);
     }
     return isa == Isa::Avx2 ? avx2_kernel(p) : block_scalar;

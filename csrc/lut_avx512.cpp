@@ -198,7 +198,8 @@ TM_AVX512 void block_dpf_512(const Problem& p, int64_t nb, int64_t m, float* y) 
 
 }  // namespace
 
-BlockFn avx512_kernel(const Problem& p, int64_t mt, bool vnni) {
+BlockFn avx512_kernel(const Problem& p, int64_t mt, Isa isa) {
+  const bool vnni = isa >= Isa::Avx512Vnni;
   const bool dp = p.bits == 2 || p.bits == 4;  // row-major word layout
   if (!p.int8) return dp ? block_dpf_512 : block_f32_512;
   if (dp && !vnni) return nullptr;

@@ -47,9 +47,10 @@ inline float param_scalar(const Problem& p, const void* at, int r) {
   return p.half ? float(static_cast<const c10::Half*>(at)[r]) : static_cast<const float*>(at)[r];
 }
 
-// ISA kernels, chosen by Problem (bits, int8 tables). AVX-512: int8-table kernels take mt = 1..4 rows
-// (returns null for 2/4-bit int8 tables without VNNI: use the AVX2 kernel), fp32-table ones mt = 1.
-BlockFn avx512_kernel(const Problem& p, int64_t mt, bool vnni);
+// ISA kernels, chosen by Problem (bits, int8 tables) and the tier (isa >= Isa::Avx512). AVX-512:
+// int8-table kernels take mt = 1..4 rows (returns null for 2/4-bit int8 tables below Avx512Vnni: use the
+// AVX2 kernel), fp32-table ones mt = 1.
+BlockFn avx512_kernel(const Problem& p, int64_t mt, Isa isa);
 BlockFn avx2_kernel(const Problem& p);
 
 }  // namespace lut

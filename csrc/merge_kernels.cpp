@@ -122,7 +122,7 @@ constexpr int64_t kGrain = 1 << 16;
   do {                                                                              \
     const Isa isa_ = active_isa();                                                  \
     at::parallel_for(0, (n), kGrain, [&](int64_t s_, int64_t t_) {                  \
-      if (isa_ == Isa::Avx512) LOOP##_avx512(__VA_ARGS__, s_, t_);                  \
+      if (isa_ >= Isa::Avx512) LOOP##_avx512(__VA_ARGS__, s_, t_);                  \
       else if (isa_ == Isa::Avx2) LOOP##_avx2(__VA_ARGS__, s_, t_);                 \
       else LOOP##_scalar(__VA_ARGS__, s_, t_);                                      \
     });                                                                             \
@@ -220,7 +220,7 @@ bool all_finite(const at::Tensor& t) {
     at::parallel_for(0, c.numel(), kGrain, [&](int64_t s, int64_t e) {
       for (int64_t i = s; i < e && !bad.load(std::memory_order_relaxed); i += kGrain) {
         const int64_t j = std::min(e, i + kGrain);
-        const bool hit = isa == Isa::Avx512 ? nonfinite_loop_avx512<U>(p, U(mask), i, j)
+        const bool hit = isa >= Isa::Avx512 ? nonfinite_loop_avx512<U>(p, U(mask), i, j)
                        : isa == Isa::Avx2   ? nonfinite_loop_avx2<U>(p, U(mask), i, j)
                                             : nonfinite_loop_scalar<U>(p, U(mask), i, j);
         if (hit) bad.store(true, std::memory_order_relaxed);
@@ -284,7 +284,7 @@ void ties_accumulate_(at::Tensor& vote, at::Tensor& pos_sum, at::Tensor& neg_sum
     constexpr bool W = decltype(weighted)::value, C = decltype(count)::value;
     constexpr bool F = decltype(first)::value, K = decltype(has_keep)::value;
     at::parallel_for(0, t.numel(), kGrain, [&](int64_t s, int64_t e) {
-      if (isa == Isa::Avx512) ties_acc_loop_avx512<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
+      if (isa >= Isa::Avx512) ties_acc_loop_avx512<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
       else if (isa == Isa::Avx2) ties_acc_loop_avx2<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
       else ties_acc_loop_scalar<W, C, F, K>(v, ps, ns, pd, nd, tp, kp, w, d, s, e);
     });

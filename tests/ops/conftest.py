@@ -12,7 +12,7 @@ def _isas() -> list[str]:
     if not ops.native_available():
         return ["auto"]
     out = []
-    for isa in ("avx512", "avx2", "scalar"):
+    for isa in ("avx512vbmi", "avx512vnni", "avx512", "avx2", "scalar"):
         try:
             ops.set_cpu_isa(isa)
             out.append(isa)

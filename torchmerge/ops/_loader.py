@@ -105,19 +105,23 @@ class References:
 # Control op: which kernel path the C++ dispatch uses (tests force "scalar"). Implemented in
 # csrc/cpu_features.cpp; without the library only the reference exists, so only "auto"/"scalar" are valid.
 torch.library.define(f"{NAMESPACE}::_set_cpu_isa", "(str isa) -> str")
-_ISA_CHOICES = ("auto", "avx512", "avx2", "scalar")
+_ISA_CHOICES = ("auto", "avx512vbmi", "avx512vnni", "avx512", "avx2", "scalar")
 _REFERENCE_ISA = {"value": "auto"}
 
 
 def _set_cpu_isa_reference(isa: str) -> str:
     if isa not in _ISA_CHOICES:
         raise ValueError(f"_set_cpu_isa: isa must be one of {_ISA_CHOICES}; got {isa!r}")
-    if isa in ("avx512", "avx2"):
+    if isa not in ("auto", "scalar"):
         raise ValueError(f"_set_cpu_isa: {isa!r} needs the native library (torchmerge/_C.so), which is not built")
     previous, _REFERENCE_ISA["value"] = _REFERENCE_ISA["value"], isa
     return previous
 
 
 def set_cpu_isa(isa: str) -> str:
-    """Force the CPU kernel path ("auto" | "avx512" | "avx2" | "scalar"); returns the previous setting."""
+    """Force the CPU kernel path; returns the previous setting.
+
+    Tiers, each including the ones below: "avx512vbmi" (AVX-512 with VNNI and VBMI: Ice Lake, Zen 4 and
+    later), "avx512vnni" (Cascade Lake), "avx512" (F+BW+VL), "avx2" (with FMA), "scalar"; "auto" picks
+    the best this CPU has. A tier above the CPU's raises ValueError."""
     return torch.ops.torchmerge._set_cpu_isa(isa)
