@@ -46,7 +46,7 @@ TM_AVX2 void block_int8_256(const Problem& p, int64_t nb, int64_t m, float* y) {
         const __m256i TB = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
         for (int i = 0; i < p.bits; ++i) {
           const __m256i w = _mm256_set1_epi8(char(1 << i));
-          _mm_prefetch((const char*)(qb + ((c + kAhead) * p.bits + i) * RB), _MM_HINT_T0);
+          prefetch_weights(qb + (c * p.bits + i) * RB, 1);
           for (int h = 0; h < 2; ++h) {  // h=0: rows 0..15 (lo) and 32..47 (hi); h=1: 16..31 and 48..63
             const __m256i v = _mm256_loadu_si256((const __m256i*)(qb + (c * p.bits + i) * RB + 32 * h));
             const __m256i L0 = _mm256_shuffle_epi8(TA, _mm256_and_si256(v, nib));
@@ -86,7 +86,7 @@ TM_AVX2 void block_f32_256(const Problem& p, int64_t nb, int64_t m, float* y) {
       const __m256 B0 = _mm256_loadu_ps(ta + 16), B1 = _mm256_loadu_ps(ta + 24);
       for (int i = 0; i < p.bits; ++i) {
         const uint8_t* line = qb + (c * p.bits + i) * RB;
-        _mm_prefetch((const char*)(line + kAhead * p.bits * RB), _MM_HINT_T0);
+        prefetch_weights(line, 1);
         const __m256 w = _mm256_set1_ps(float(1 << i));
         for (int u = 0; u < 8; ++u) {  // rows 8u..8u+7 at byte positions 16(u%4) + 8(u/4) + 0..7
           const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(line + 16 * (u % 4) + 8 * (u / 4))));
@@ -117,7 +117,7 @@ TM_AVX2 void block_dp_256(const Problem& p, int64_t nb, int64_t m, float* y) {
       const __m256i TA = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + 2 * c * 16)));
       const __m256i TB = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(T + (2 * c + 1) * 16)));
       const uint8_t* line = qb + c * p.bits * RB;
-      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      prefetch_weights(line, p.bits);
       for (int l = 0; l < p.bits; ++l)
         for (int u = 0; u < 2; ++u) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(line + l * RB + 32 * u));
@@ -154,7 +154,7 @@ TM_AVX2 void block_dpf_256(const Problem& p, int64_t nb, int64_t m, float* y) {
       const __m256 A0 = _mm256_loadu_ps(ta), A1 = _mm256_loadu_ps(ta + 8);
       const __m256 B0 = _mm256_loadu_ps(ta + 16), B1 = _mm256_loadu_ps(ta + 24);
       const uint8_t* line = qb + c * p.bits * RB;
-      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      prefetch_weights(line, p.bits);
       for (int l = 0; l < p.bits; ++l)
         for (int u = 0; u < 2; ++u) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(line + l * RB + 32 * u));

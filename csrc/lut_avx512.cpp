@@ -49,7 +49,7 @@ TM_AVX512 void block_int8_512(const Problem& p, int64_t nb, int64_t m0, float* y
       for (int r = 0; r < MT; ++r) A[r] = B[r] = _mm512_setzero_si512();
       for (int64_t c = c0; c < std::min(c0 + 8, (g + 1) * cpg); ++c) {
         for (int i = 0; i < p.bits; ++i) {
-          _mm_prefetch((const char*)(qb + ((c + kAhead) * p.bits + i) * RB), _MM_HINT_T0);
+          prefetch_weights(qb + (c * p.bits + i) * RB, 1);
           const __m512i v = _mm512_loadu_si512(qb + (c * p.bits + i) * RB);
           const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
           const __m512i w = _mm512_set1_epi8(char(1 << i));
@@ -93,7 +93,7 @@ TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) 
       const __m512 TA = _mm512_loadu_ps(T + 2 * c * 16), TB = _mm512_loadu_ps(T + (2 * c + 1) * 16);
       for (int i = 0; i < p.bits; ++i) {
         const uint8_t* line = qb + (c * p.bits + i) * RB;
-        _mm_prefetch((const char*)(line + kAhead * p.bits * RB), _MM_HINT_T0);
+        prefetch_weights(line, 1);
         const __m512 w = _mm512_set1_ps(float(1 << i));
         for (int q = 0; q < 4; ++q) {
           const __m512i idx = rows16_512(line, q);  // vpermps reads the low 4 index bits
@@ -109,13 +109,40 @@ TM_AVX512 void block_f32_512(const Problem& p, int64_t nb, int64_t m, float* y) 
 
 
 // ---- b = 2 and b = 4: row-major words (lut_pack docstring); a 32-bit word holds 4 lookups of one row.
+// int8 tables: per 64-byte line, byte lookups then vpdpbusd (u8 multipliers 2^i × s8 lookups -> int32
+// row sums), exact. b = 4: line l = rows 16l.., low nibbles look up table 2c, high nibbles 2c+1.
+// b = 2: line l, low nibbles rows 32l.., high 32l+16..; bytes 0, 1 of a word look up table 2c, bytes 2, 3
+// table 2c+1. acc[r][s][q]: activation row r, q = row vector of 16 outputs; b = 4 with MT <= 2 splits the
+// low/high lookups into s = 0, 1 (shorter vpdpbusd chains).
 #define TM_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TM_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
-// int8 tables, AVX512-VNNI: per 64-byte line, 2 byte shuffles and 2 vpdpbusd (u8 multipliers 2^i ×
-// s8 lookups -> int32 row sums), exact. b = 4: line l = rows 16l.., low nibbles table 2c, high 2c+1.
-// b = 2: line l, low nibbles rows 32l.., high 32l+16..; bytes 2, 3 of a word look up table 2c+1.
+template <int MT>
+constexpr int word_splits() { return MT <= 2 ? 2 : 1; }
+
+template <int MT>
+TM_AVX512 inline void zero_words(__m512i (&acc)[MT][word_splits<MT>()][4]) {
+  for (auto& r : acc)
+    for (auto& s : r)
+      for (auto& q : s) q = _mm512_setzero_si512();
+}
+
+template <int MT>
+TM_AVX512 inline void finish_words(const Problem& p, int64_t nb, int64_t m0, int64_t g,
+                                   __m512i (&acc)[MT][word_splits<MT>()][4], float* y) {
+  constexpr int S = word_splits<MT>();
+  for (int r = 0; r < MT; ++r) {
+    __m512 P[4];
+    for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(S == 2 ? _mm512_add_epi32(acc[r][0][q], acc[r][1][q]) : acc[r][0][q]);
+    combine512(p, nb, m0 + r, g, P, 0.5f * p.ts[(m0 + r) * p.ng + g], y + r * RB);
+  }
+}
+
+// AVX512-VNNI: vpshufb reads 4 index bits within 128-bit lanes, so nibbles are masked first (2 shuffles,
+// 2 vpdpbusd and 3 mask/shift ops per line).
 template <int MT>
 TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
+  constexpr int S = word_splits<MT>();
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
   const int8_t* T[MT];
   for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
@@ -124,15 +151,12 @@ TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const __m512i w = _mm512_set1_epi32(four ? 0x08040201 : 0x02010201);
   const __mmask64 second = 0xCCCCCCCCCCCCCCCCull;  // bytes 2, 3 of every word
-  constexpr int S = MT <= 2 ? 2 : 1;  // b = 4: separate low/high accumulators shorten the vpdpbusd chains
   for (int64_t g = 0; g < p.ng; ++g) {
     __m512i acc[MT][S][4];
-    for (int r = 0; r < MT; ++r)
-      for (int s = 0; s < S; ++s)
-        for (int q = 0; q < 4; ++q) acc[r][s][q] = _mm512_setzero_si512();
+    zero_words<MT>(acc);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* line = qb + c * p.bits * RB;
-      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      prefetch_weights(line, p.bits);
       __m512i TA[MT], TB[MT];
       for (int r = 0; r < MT; ++r) {
         TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
@@ -159,11 +183,56 @@ TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
         }
       }
     }
-    for (int r = 0; r < MT; ++r) {
-      __m512 P[4];
-      for (int q = 0; q < 4; ++q) P[q] = _mm512_cvtepi32_ps(S == 2 ? _mm512_add_epi32(acc[r][0][q], acc[r][S - 1][q]) : acc[r][0][q]);
-      combine512(p, nb, m0 + r, g, P, 0.5f * p.ts[(m0 + r) * p.ng + g], y + r * RB);
+    finish_words<MT>(p, nb, m0, g, acc, y);
+  }
+}
+
+// AVX512-VBMI: vpermb reads 6 index bits across the whole register, so no nibble masking is needed. b = 4:
+// both tables are replicated to 64 bytes and bits 4, 5 of an index (the other nibble) pick a copy; the
+// high nibbles are a 16-bit shift away. b = 2: one 64-byte table of quarters [2c, 2c+1, 2c, 2c+1] and
+// index (nibble | 0x10 on bytes 2, 3) by one ternary-logic op. Same sums as block_dp_512, bit for bit.
+template <int MT>
+TM_VBMI void block_vb_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
+  constexpr int S = word_splits<MT>();
+  const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
+  const int8_t* T[MT];
+  for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
+  const int64_t cpg = p.G / 8;
+  const bool four = p.bits == 4;
+  const __m512i w = _mm512_set1_epi32(four ? 0x08040201 : 0x02010201);
+  const __m512i nib = _mm512_set1_epi8(0x0F), second = _mm512_set1_epi32(0x10100000);
+  for (int64_t g = 0; g < p.ng; ++g) {
+    __m512i acc[MT][S][4];
+    zero_words<MT>(acc);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* line = qb + c * p.bits * RB;
+      prefetch_weights(line, p.bits);
+      __m512i TA[MT], TB[MT];
+      for (int r = 0; r < MT; ++r) {
+        TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
+        TB[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + (2 * c + 1) * 16)));
+        if (!four) TA[r] = _mm512_mask_blend_epi64(0xCC, TA[r], TB[r]);  // 128-bit quarters 2c, 2c+1, 2c, 2c+1
+      }
+      if (four) {
+        for (int l = 0; l < 4; ++l) {
+          const __m512i v = _mm512_loadu_si512(line + l * RB), hi = _mm512_srli_epi16(v, 4);
+          for (int r = 0; r < MT; ++r) {
+            acc[r][0][l] = _mm512_dpbusd_epi32(acc[r][0][l], w, _mm512_permutexvar_epi8(v, TA[r]));
+            acc[r][S - 1][l] = _mm512_dpbusd_epi32(acc[r][S - 1][l], w, _mm512_permutexvar_epi8(hi, TB[r]));
+          }
+        }
+      } else {
+        for (int l = 0; l < 2; ++l) {
+          const __m512i v = _mm512_loadu_si512(line + l * RB);
+          const __m512i idx[2] = {_mm512_ternarylogic_epi32(v, nib, second, 0xEA),  // (v & nib) | second
+                                  _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, second, 0xEA)};
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < MT; ++r)
+              acc[r][0][2 * l + h] = _mm512_dpbusd_epi32(acc[r][0][2 * l + h], w, _mm512_permutexvar_epi8(idx[h], TA[r]));
+        }
+      }
     }
+    finish_words<MT>(p, nb, m0, g, acc, y);
   }
 }
 
@@ -178,7 +247,7 @@ TM_AVX512 void block_dpf_512(const Problem& p, int64_t nb, int64_t m, float* y) 
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const __m512 TA = _mm512_loadu_ps(T + 2 * c * 16), TB = _mm512_loadu_ps(T + (2 * c + 1) * 16);
       const uint8_t* line = qb + c * p.bits * RB;
-      for (int l = 0; l < p.bits; ++l) _mm_prefetch((const char*)(line + kAhead * p.bits * RB + l * RB), _MM_HINT_T0);
+      prefetch_weights(line, p.bits);
       for (int l = 0; l < p.bits; ++l) {
         const __m512i v = _mm512_loadu_si512(line + l * RB);
         for (int h = 0; h < (four ? 1 : 2); ++h)
@@ -199,12 +268,12 @@ TM_AVX512 void block_dpf_512(const Problem& p, int64_t nb, int64_t m, float* y) 
 }  // namespace
 
 BlockFn avx512_kernel(const Problem& p, int64_t mt, Isa isa) {
-  const bool vnni = isa >= Isa::Avx512Vnni;
   const bool dp = p.bits == 2 || p.bits == 4;  // row-major word layout
   if (!p.int8) return dp ? block_dpf_512 : block_f32_512;
-  if (dp && !vnni) return nullptr;
-  if (dp) return mt == 4 ? block_dp_512<4> : mt == 3 ? block_dp_512<3> : mt == 2 ? block_dp_512<2> : block_dp_512<1>;
-  return mt == 4 ? block_int8_512<4> : mt == 3 ? block_int8_512<3> : mt == 2 ? block_int8_512<2> : block_int8_512<1>;
+  if (!dp) return mt == 4 ? block_int8_512<4> : mt == 3 ? block_int8_512<3> : mt == 2 ? block_int8_512<2> : block_int8_512<1>;
+  if (isa >= Isa::Avx512Vbmi) return mt == 4 ? block_vb_512<4> : mt == 3 ? block_vb_512<3> : mt == 2 ? block_vb_512<2> : block_vb_512<1>;
+  if (isa >= Isa::Avx512Vnni) return mt == 4 ? block_dp_512<4> : mt == 3 ? block_dp_512<3> : mt == 2 ? block_dp_512<2> : block_dp_512<1>;
+  return nullptr;
 }
 
 }  // namespace lut

@@ -155,6 +155,35 @@ def test_kernel_matches_reference(isa, case, int8_tables):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_word_kernels_bit_identical_across_avx512_tiers(bits, symmetric):
+    """The VBMI kernel (vpermb, unmasked indices) and the VNNI one (vpshufb) make the same exact integer
+    sums and the same float combine: equal bytes for 1..9 activation rows (tiles of 1-4 and tails)."""
+    from torchmerge import ops
+
+    if not ops.native_available():
+        pytest.skip("torchmerge/_C.so not built")
+    try:
+        previous = ops.set_cpu_isa("avx512vbmi")
+    except ValueError:
+        pytest.skip("CPU lacks AVX512-VBMI")
+    ops.set_cpu_isa(previous)
+    w, x = _data(200, 512, m=9, seed=bits + symmetric)
+    packed = pack_lut_weights(w, bits, 32, symmetric, scale_dtype=torch.float16)
+    for m in range(1, 10):
+        got = {}
+        for tier in ("avx512vbmi", "avx512vnni"):
+            previous = ops.set_cpu_isa(tier)
+            try:
+                got[tier] = lut_linear(x[:m], packed, bits, 32, int8_tables=True)
+            finally:
+                ops.set_cpu_isa(previous)
+        assert torch.equal(got["avx512vbmi"], got["avx512vnni"]), m
+        want = lut_linear_reference(x[:m], *packed, bits, 32, True)
+        torch.testing.assert_close(got["avx512vbmi"], want, rtol=1e-4, atol=1e-4)
+
 def test_zero_rows_and_zero_activations():
     w, _ = _data(64, 64)
     packed = pack_lut_weights(w, 4, 32)

@@ -35,8 +35,10 @@ Kernels: lookups by byte shuffle (vpshufb, 16-byte int8 table per 128-bit lane) 
 b = 1, 3 (plane-major bytes): vpmaddubsw with multipliers 2^i combines bit-planes in int16, flushed to
 int32 at least every 64 inputs. b = 2, 4 (row-major words, lut_pack docstring): the 4 lookups in a
 32-bit word belong to one row, so one vpdpbusd (AVX512-VNNI) with byte multipliers 2^i adds them
-straight into int32 (AVX2 and AVX-512 without VNNI: vpmaddubsw then vpmaddwd). fp32 tables use
-vpermps on the (shifted) index bytes. Scalar fallback everywhere.
+straight into int32 (AVX2 and AVX-512 without VNNI: vpmaddubsw then vpmaddwd). With AVX512-VBMI the
+lookups are vpermb on tables replicated to 64 bytes, which reads 6 index bits and so needs no nibble
+masking (same sums, bit for bit). fp32 tables use vpermps on the (shifted) index bytes. Scalar
+fallback everywhere. The weight stream is prefetched 8 KiB ahead: at decode sizes the GEMV is DRAM-bound.
 """
 
 from __future__ import annotations
