@@ -89,6 +89,75 @@ def test_gpt2_fan_in_fan_out_rslora_and_lora_bias(tmp_path):
     assert changed == 2 * 2  # weight and bias of c_attn in both layers
 
 
+
+def _randomise_magnitudes(pm):
+    """DoRA starts with m = ‖W‖_c; move it so that a fold ignoring m (or using the wrong norm axis) fails."""
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
+
+
+def test_dora_llama_linear_and_embedding_match_merge_and_unload(tiny_llama, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                             target_modules=["q_proj", "o_proj", "down_proj", "embed_tokens"])
+    _save_adapter(tiny_llama, config, tmp_path, _randomise_magnitudes)
+    adapter, changed = _assert_fold_matches(tiny_llama, tmp_path)
+    assert changed == 2 * 3 + 1
+    # the formula by hand for one Linear (rows) and the Embedding (columns: the stored layout is vocab×dim)
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    base = tiny_llama.state_dict()
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    v = base["model.layers.0.self_attn.o_proj.weight"] + 2.0 * t[f"{key}.lora_B.weight"] @ t[f"{key}.lora_A.weight"]
+    want = t[f"{key}.lora_magnitude_vector"][:, None] * v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(adapter.fold("model.layers.0.self_attn.o_proj.weight",
+                                            base["model.layers.0.self_attn.o_proj.weight"]), want)
+    key = "base_model.model.model.embed_tokens"
+    e = base["model.embed_tokens.weight"] + 2.0 * (t[f"{key}.lora_embedding_B"] @ t[f"{key}.lora_embedding_A"]).T
+    want = t[f"{key}.lora_magnitude_vector"][None, :] * e / e.norm(dim=0, keepdim=True)
+    torch.testing.assert_close(adapter.fold("model.embed_tokens.weight", base["model.embed_tokens.weight"]), want)
+
+
+def test_dora_gpt2_fan_in_fan_out(tmp_path):
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["c_attn", "c_proj"],
+                             fan_in_fan_out=True, use_dora=True)
+    _save_adapter(model, config, tmp_path, _randomise_magnitudes)
+    adapter, changed = _assert_fold_matches(model, tmp_path)
+    assert adapter.targets["transformer.h.0.attn.c_attn.weight"].transposed
+    assert changed == 2 * 3  # c_attn, attn.c_proj and mlp.c_proj weights in both layers
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "lora_bias": True}))
+    with pytest.raises(MergeError, match="use_dora and lora_bias"):
+        load_lora_adapter(tmp_path)
+
+
+def test_dora_inconsistent_adapters_are_refused(tiny_llama, tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_dora=True, target_modules=["q_proj"])
+    _save_adapter(tiny_llama, config, tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(MergeError, match="lora_magnitude_vector but use_dora is not set"):
+        load_lora_adapter(tmp_path)
+    cfg_path.write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(tmp_path / "adapter_model.safetensors"))
+    adapter = load_lora_adapter(tmp_path)
+    name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector") + ".weight"
+    with pytest.raises(MergeError, match="output features"):
+        adapter.fold(name, tiny_llama.state_dict()[name])
+    save_file({k: v for k, v in tensors.items() if k != key}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(MergeError, match="has no lora_magnitude_vector"):
+        load_lora_adapter(tmp_path)
+
 def test_pickled_adapter_needs_allow_pickle(tiny_llama, tmp_path):
     config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"])
     _save_adapter(tiny_llama, config, tmp_path)
@@ -110,8 +179,8 @@ def test_pickled_adapter_needs_allow_pickle(tiny_llama, tmp_path):
 def test_unsupported_and_missing(tmp_path):
     with pytest.raises(MergeError, match="no adapter_config.json"):
         load_lora_adapter(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(MergeError, match="use_dora"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "layer_replication": [[0, 2]]}))
+    with pytest.raises(MergeError, match="layer_replication"):
         load_lora_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(MergeError, match="peft_type"):

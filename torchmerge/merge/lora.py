@@ -8,6 +8,12 @@ Folding gives the weights of PEFT's `merge_and_unload()`:
     Linear, fan_in_fan_out (GPT-2 Conv1D, W is in×out):  W' = W + s · (B A)ᵀ
     Embedding:         E' = E + s · (B A)ᵀ        (lora_embedding_A is r×vocab, lora_embedding_B dim×r)
     lora_bias:         b' = b + s · b_B
+    DoRA (Liu et al., https://arxiv.org/abs/2402.09353; `use_dora`): with the magnitude vector m saved as
+    lora_magnitude_vector, V = W + ΔW (ΔW as above) is rescaled per output feature,
+        W' = (m / ‖V‖_c) ⊙ V,
+    ‖V‖_c the L2 norm over the input dimension: over rows of V (Linear, out×in), over its columns where the
+    stored layout is transposed (fan_in_fan_out, Embedding). The norm is computed on the unmerged base, as
+    PEFT does (which allows no lora_bias with DoRA, nor do we).
     modules_to_save / saved base layers: the adapter's tensor replaces the base tensor.
 
 r and α per module follow the adapter's `rank_pattern` / `alpha_pattern` exactly as PEFT matches them
@@ -16,7 +22,7 @@ r and α per module follow the adapter's `rank_pattern` / `alpha_pattern` exactl
 PEFT saves keys as "base_model.model.<module path>.lora_A.weight"; the folded tensor's name is
 "<module path>.weight", the name in the base model's own checkpoint. Adapter tensors are read on demand
 from adapter_model.safetensors; a pickled adapter_model.bin is refused unless allow_pickle=True, and
-then read with torch.load(weights_only=True). Not supported (MergeError): DoRA, convolution LoRA,
+then read with torch.load(weights_only=True). Not supported (MergeError): convolution LoRA and DoRA,
 trainable-token adapters, layer_replication, non-LoRA PEFT types.
 
 API for the engine:
@@ -42,9 +48,9 @@ import torch
 from .base import MergeError
 
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B|magnitude_vector)(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?"
                        r"(?:\.(?P<param>weight|bias))?$")
-_UNSUPPORTED = ("lora_magnitude_vector", "trainable_tokens", "token_adapter")
+_UNSUPPORTED = ("trainable_tokens", "token_adapter")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,12 @@ class LoraTarget:
     rank: int
     scaling: float
     fan_in_fan_out: bool
+    magnitude_key: str | None = None  # DoRA's lora_magnitude_vector
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the stored weight is in×out (fan_in_fan_out Conv1D, Embedding's vocab×dim)."""
+        return self.embedding or self.fan_in_fan_out
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -105,8 +117,8 @@ class LoraAdapter:
         for key in keys:
             short = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             if any(tag in short for tag in _UNSUPPORTED):
-                raise MergeError(f"{self.weights}: key {key!r} belongs to DoRA or trainable tokens; "
-                                 "valid: plain LoRA adapters (use_dora: false, no trainable_token_indices)")
+                raise MergeError(f"{self.weights}: key {key!r} belongs to trainable tokens; "
+                                 "valid: LoRA or DoRA adapters (no trainable_token_indices)")
             m = _LORA_KEY.match(short)
             if m is None:  # a full tensor saved with the adapter (modules_to_save, a resized embedding)
                 name = short.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
@@ -117,6 +129,12 @@ class LoraAdapter:
         for module, parts in factors.items():
             embedding = "embedding_A" in parts or "embedding_B" in parts
             a, b = (parts.get("embedding_A"), parts.get("embedding_B")) if embedding else (parts.get("A"), parts.get("B"))
+            if "magnitude_vector" in parts and not cfg.get("use_dora", False):
+                raise MergeError(f"{self.weights}: module {module!r} has a lora_magnitude_vector but use_dora is not set; "
+                                 "valid: use_dora: true in adapter_config.json for a DoRA adapter")
+            if cfg.get("use_dora", False) and "magnitude_vector" not in parts:
+                raise MergeError(f"{self.weights}: use_dora is set but module {module!r} has no lora_magnitude_vector; "
+                                 "valid: a DoRA adapter saved by PEFT")
             if a is None or b is None:
                 raise MergeError(f"{self.weights}: module {module!r} has only one of lora_A / lora_B; "
                                  "valid: both factors for every adapted module")
@@ -124,7 +142,7 @@ class LoraAdapter:
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
             scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora", False) else alpha / rank
             target = LoraTarget(module, embedding, a, b, parts.get("bias"), rank, scaling,
-                                bool(cfg.get("fan_in_fan_out", False)) and not embedding)
+                                bool(cfg.get("fan_in_fan_out", False)) and not embedding, parts.get("magnitude_vector"))
             self.targets[f"{module}.weight"] = target
             if target.bias_key is not None:
                 self.targets[f"{module}.bias"] = target
@@ -156,7 +174,7 @@ class LoraAdapter:
             raise MergeError(f"{self.weights}: {target.a_key!r} has rank {a.shape[0]} but the config gives r={target.rank}; "
                              "valid: a rank_pattern matching the saved factors")
         product = b @ a
-        if target.embedding or target.fan_in_fan_out:
+        if target.transposed:
             product = product.T
         return product * target.scaling
 
@@ -170,7 +188,22 @@ class LoraAdapter:
         if d.shape != base_tensor.shape:
             raise MergeError(f"{self.weights}: LoRA update for {name!r} has shape {tuple(d.shape)}, the base tensor "
                              f"{tuple(base_tensor.shape)}; valid: an adapter trained on this base model")
-        return base_tensor.float() + d
+        merged = base_tensor.float() + d
+        target = self.targets[name]
+        if target.magnitude_key is None or name != f"{target.module}.weight":
+            return merged
+        return self._dora_rescale(target, merged)
+
+    def _dora_rescale(self, target: LoraTarget, merged: torch.Tensor) -> torch.Tensor:
+        """(m / ‖W + ΔW‖_c) ⊙ (W + ΔW), the norm over the input dimension (module docstring)."""
+        magnitude = self._read(target.magnitude_key).float().reshape(-1)
+        oriented = merged.T if target.transposed else merged  # out×in
+        if magnitude.numel() != oriented.shape[0]:
+            raise MergeError(f"{self.weights}: {target.magnitude_key!r} has {magnitude.numel()} entries, module "
+                             f"{target.module!r} has {oriented.shape[0]} output features; valid: a DoRA adapter "
+                             "trained on this base model")
+        factor = magnitude / torch.linalg.norm(oriented, dim=1)
+        return merged * (factor[None, :] if target.transposed else factor[:, None])
 
 
 def fold_lora_tensor(adapter: LoraAdapter, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
@@ -211,10 +244,13 @@ def load_lora_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAd
         raise MergeError(f"{config_path}: not valid JSON ({exc.msg}); valid: PEFT's adapter_config.json") from None
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise MergeError(f"{config_path}: peft_type {config.get('peft_type')!r}; valid: 'LORA'")
-    for option, problem in (("use_dora", "DoRA"), ("layer_replication", "layer replication"),
+    for option, problem in (("layer_replication", "layer replication"),
                             ("trainable_token_indices", "trainable tokens")):
         if config.get(option):
             raise MergeError(f"{config_path}: {option} is set ({problem} cannot be folded); valid: {option} unset")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise MergeError(f"{config_path}: use_dora and lora_bias are both set (PEFT defines no merge for that); "
+                         "valid: one of them")
     safetensors_path, bin_path = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if safetensors_path.is_file():
         from safetensors import safe_open
