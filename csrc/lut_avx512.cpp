@@ -138,14 +138,22 @@ TM_AVX512 inline void finish_words(const Problem& p, int64_t nb, int64_t m0, int
   }
 }
 
+// Tables 2c (TA) and 2c+1 (TB) of activation rows m0..m0+MT-1, each broadcast to all four 128-bit lanes.
+template <int MT>
+TM_AVX512 inline void broadcast_tables(const Problem& p, int64_t m0, int64_t c, __m512i (&TA)[MT], __m512i (&TB)[MT]) {
+  for (int r = 0; r < MT; ++r) {
+    const int8_t* t = p.tq.data() + ((m0 + r) * (p.K / 4) + 2 * c) * 16;
+    TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t));
+    TB[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(t + 16)));
+  }
+}
+
 // AVX512-VNNI: vpshufb reads 4 index bits within 128-bit lanes, so nibbles are masked first (2 shuffles,
 // 2 vpdpbusd and 3 mask/shift ops per line).
 template <int MT>
 TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
   constexpr int S = word_splits<MT>();
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
-  const int8_t* T[MT];
-  for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
   const int64_t cpg = p.G / 8;
   const bool four = p.bits == 4;
   const __m512i nib = _mm512_set1_epi8(0x0F);
@@ -158,10 +166,7 @@ TM_VNNI void block_dp_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
       const uint8_t* line = qb + c * p.bits * RB;
       prefetch_weights(line, p.bits);
       __m512i TA[MT], TB[MT];
-      for (int r = 0; r < MT; ++r) {
-        TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
-        TB[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + (2 * c + 1) * 16)));
-      }
+      broadcast_tables<MT>(p, m0, c, TA, TB);
       if (four) {
         for (int l = 0; l < 4; ++l) {
           const __m512i v = _mm512_loadu_si512(line + l * RB);
@@ -195,8 +200,6 @@ template <int MT>
 TM_VBMI void block_vb_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
   constexpr int S = word_splits<MT>();
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
-  const int8_t* T[MT];
-  for (int r = 0; r < MT; ++r) T[r] = p.tq.data() + (m0 + r) * (p.K / 4) * 16;
   const int64_t cpg = p.G / 8;
   const bool four = p.bits == 4;
   const __m512i w = _mm512_set1_epi32(four ? 0x08040201 : 0x02010201);
@@ -208,11 +211,9 @@ TM_VBMI void block_vb_512(const Problem& p, int64_t nb, int64_t m0, float* y) {
       const uint8_t* line = qb + c * p.bits * RB;
       prefetch_weights(line, p.bits);
       __m512i TA[MT], TB[MT];
-      for (int r = 0; r < MT; ++r) {
-        TA[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + 2 * c * 16)));
-        TB[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(T[r] + (2 * c + 1) * 16)));
-        if (!four) TA[r] = _mm512_mask_blend_epi64(0xCC, TA[r], TB[r]);  // 128-bit quarters 2c, 2c+1, 2c, 2c+1
-      }
+      broadcast_tables<MT>(p, m0, c, TA, TB);
+      if (!four)
+        for (int r = 0; r < MT; ++r) TA[r] = _mm512_mask_blend_epi64(0xCC, TA[r], TB[r]);  // quarters 2c, 2c+1, 2c, 2c+1
       if (four) {
         for (int l = 0; l < 4; ++l) {
           const __m512i v = _mm512_loadu_si512(line + l * RB), hi = _mm512_srli_epi16(v, 4);
