@@ -108,6 +108,23 @@ def test_fp32_tables_equal_dequantise_then_matmul(isa, bits, symmetric):
     torch.testing.assert_close(lut_linear_reference(x, *packed, bits, 64), want, rtol=1e-5, atol=2e-5)
 
 
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [256, 16384])  # 16384: 4 MiB per dequantised block, one block per chunk
+def test_fp32_tables_many_rows_equal_dequantise_then_matmul(bits, k):
+    """From 128 activation rows the fp32-table op dequantises blocks and multiplies (csrc/lut.cpp): still
+    the op's definition, and continuous with the lookup kernels just below the switch."""
+    w, x = _data(130, k, m=128, seed=bits)  # 130 rows: a 2-row tail block
+    b = torch.randn(130)
+    for symmetric, sdt in ((True, torch.float16), (False, torch.float32)):
+        packed = pack_lut_weights(w, bits, 32, symmetric, scale_dtype=sdt)
+        want = x @ dequantize_lut_weights(*packed, bits, 32).t()
+        got = lut_linear(x, packed, bits, 32, bias=b)
+        grow = (k / 256) ** 0.5  # float summation error grows like sqrt(K)
+        torch.testing.assert_close(got, want + b, rtol=1e-5 * grow, atol=2e-5 * grow)
+        # the lookup kernels sum in table order (P/2 + c·Sx per group): a little more cancellation error
+        torch.testing.assert_close(lut_linear(x[:127], packed, bits, 32), want[:127], rtol=1e-5 * grow, atol=5e-5 * grow)
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group", [32, 128])
 def test_int8_tables_within_documented_bound(isa, bits, group):

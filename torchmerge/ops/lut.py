@@ -39,6 +39,9 @@ straight into int32 (AVX2 and AVX-512 without VNNI: vpmaddubsw then vpmaddwd). W
 lookups are vpermb on tables replicated to 64 bytes, which reads 6 index bits and so needs no nibble
 masking (same sums, bit for bit). fp32 tables use vpermps on the (shifted) index bytes. Scalar
 fallback everywhere. The weight stream is prefetched 8 KiB ahead: at decode sizes the GEMV is DRAM-bound.
+With fp32 tables and 128 or more activation rows (prefill, batches) the op dequantises weight blocks
+(at most 4 MiB at a time) and multiplies them with an fp32 GEMM: step 3's definition itself, up to
+summation order, and 2-4x faster than the lookups there. int8 tables always use the lookups.
 """
 
 from __future__ import annotations
