@@ -136,6 +136,47 @@ def test_dora_gpt2_fan_in_fan_out(tmp_path):
         load_lora_adapter(tmp_path)
 
 
+
+class _ConvNet(torch.nn.Module):
+    """Conv1d, a 3×3 and a 1×1 Conv2d, a Conv3d and a grouped Conv2d: the layouts a conv LoRA folds into."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(3, 6, 5)
+        self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = torch.nn.Conv2d(8, 8, 1)
+        self.c3 = torch.nn.Conv3d(2, 4, (2, 3, 3))
+        self.grouped = torch.nn.Conv2d(8, 8, 3, groups=2)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_lora_and_dora_match_merge_and_unload(tmp_path, use_dora):
+    torch.manual_seed(3)
+    model = _ConvNet().eval()
+    config = peft.LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, use_dora=use_dora,
+                             target_modules=["c1", "c2", "pw", "c3"])
+    _save_adapter(model, config, tmp_path, _randomise_magnitudes)
+    adapter, changed = _assert_fold_matches(model, tmp_path)
+    assert changed == 4
+    # ΔW by hand for the 3×3 kernel: Σ_r B[o, r] A[r, i, h, w], the same sum PEFT gets from conv2d
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    a, b = t["base_model.model.c2.lora_A.weight"], t["base_model.model.c2.lora_B.weight"]
+    v = model.c2.weight.detach() + 2.5 * torch.einsum("or,rihw->oihw", b[:, :, 0, 0], a)
+    if use_dora:
+        v = t["base_model.model.c2.lora_magnitude_vector"].reshape(-1, 1, 1, 1) * v / v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(adapter.fold("c2.weight", model.c2.weight.detach()), v)
+
+
+def test_grouped_conv_lora_is_refused(tmp_path):
+    model = _ConvNet().eval()
+    _save_adapter(model, peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["grouped"]),
+                  tmp_path)
+    adapter = load_lora_adapter(tmp_path)
+    with pytest.raises(MergeError, match="grouped convolution"):
+        adapter.fold("grouped.weight", model.grouped.weight.detach())
+
 def test_dora_inconsistent_adapters_are_refused(tiny_llama, tmp_path):
     config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_dora=True, target_modules=["q_proj"])
     _save_adapter(tiny_llama, config, tmp_path)

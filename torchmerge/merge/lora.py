@@ -6,13 +6,14 @@ Folding gives the weights of PEFT's `merge_and_unload()`:
 
     Linear:            W' = W + s · (B A)         (out×in)
     Linear, fan_in_fan_out (GPT-2 Conv1D, W is in×out):  W' = W + s · (B A)ᵀ
+    Conv1d/2d/3d:      W'[o, i, k…] = W + s · Σ_r B[o, r] A[r, i, k…]   (lora_B is PEFT's 1×1 convolution)
     Embedding:         E' = E + s · (B A)ᵀ        (lora_embedding_A is r×vocab, lora_embedding_B dim×r)
     lora_bias:         b' = b + s · b_B
     DoRA (Liu et al., https://arxiv.org/abs/2402.09353; `use_dora`): with the magnitude vector m saved as
     lora_magnitude_vector, V = W + ΔW (ΔW as above) is rescaled per output feature,
         W' = (m / ‖V‖_c) ⊙ V,
     ‖V‖_c the L2 norm over the input dimension: over rows of V (Linear, out×in), over its columns where the
-    stored layout is transposed (fan_in_fan_out, Embedding). The norm is computed on the unmerged base, as
+    stored layout is transposed (fan_in_fan_out, Embedding), over (in, k…) per output channel (convolution). The norm is computed on the unmerged base, as
     PEFT does (which allows no lora_bias with DoRA, nor do we).
     modules_to_save / saved base layers: the adapter's tensor replaces the base tensor.
 
@@ -22,7 +23,7 @@ r and α per module follow the adapter's `rank_pattern` / `alpha_pattern` exactl
 PEFT saves keys as "base_model.model.<module path>.lora_A.weight"; the folded tensor's name is
 "<module path>.weight", the name in the base model's own checkpoint. Adapter tensors are read on demand
 from adapter_model.safetensors; a pickled adapter_model.bin is refused unless allow_pickle=True, and
-then read with torch.load(weights_only=True). Not supported (MergeError): convolution LoRA and DoRA,
+then read with torch.load(weights_only=True). Not supported (MergeError): grouped convolutions,
 trainable-token adapters, layer_replication, non-LoRA PEFT types.
 
 API for the engine:
@@ -167,13 +168,18 @@ class LoraAdapter:
         if name.endswith(".bias") and target.bias_key is not None and name == f"{target.module}.bias":
             return self._read(target.bias_key).float() * target.scaling
         a, b = self._read(target.a_key).float(), self._read(target.b_key).float()
-        if a.dim() != 2 or b.dim() != 2:
-            raise MergeError(f"{self.weights}: module {target.module!r} has {a.dim()}-D LoRA factors (convolution); "
-                             "valid: LoRA on Linear, Conv1D or Embedding layers")
+        if a.dim() != b.dim() or a.dim() not in (2, 3, 4, 5) or b.shape[2:] != (1,) * (b.dim() - 2):
+            raise MergeError(f"{self.weights}: module {target.module!r} has LoRA factors of shapes {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}; valid: LoRA on Linear, Conv1D, Embedding or Conv1d/2d/3d layers "
+                             "(lora_B a 1x1 convolution, as PEFT saves it)")
         if a.shape[0] != target.rank:
             raise MergeError(f"{self.weights}: {target.a_key!r} has rank {a.shape[0]} but the config gives r={target.rank}; "
                              "valid: a rank_pattern matching the saved factors")
-        product = b @ a
+        if b.shape[1] != a.shape[0]:
+            raise MergeError(f"{self.weights}: {target.b_key!r} takes {b.shape[1]} of the {a.shape[0]} rank channels (a "
+                             "grouped convolution; PEFT's update for groups > 1 is not folded); valid: groups=1 layers")
+        # convolution: ΔW[o, i, k…] = Σ_r B[o, r] · A[r, i, k…] (lora_B is 1×1), a matmul over the flattened kernel
+        product = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
         if target.transposed:
             product = product.T
         return product * target.scaling
@@ -197,13 +203,13 @@ class LoraAdapter:
     def _dora_rescale(self, target: LoraTarget, merged: torch.Tensor) -> torch.Tensor:
         """(m / ‖W + ΔW‖_c) ⊙ (W + ΔW), the norm over the input dimension (module docstring)."""
         magnitude = self._read(target.magnitude_key).float().reshape(-1)
-        oriented = merged.T if target.transposed else merged  # out×in
+        oriented = merged.T if target.transposed else merged.flatten(1)  # out×in (a convolution: out×(in·k…))
         if magnitude.numel() != oriented.shape[0]:
             raise MergeError(f"{self.weights}: {target.magnitude_key!r} has {magnitude.numel()} entries, module "
                              f"{target.module!r} has {oriented.shape[0]} output features; valid: a DoRA adapter "
                              "trained on this base model")
         factor = magnitude / torch.linalg.norm(oriented, dim=1)
-        return merged * (factor[None, :] if target.transposed else factor[:, None])
+        return merged * (factor[None, :] if target.transposed else factor.reshape(-1, *[1] * (merged.dim() - 1)))
 
 
 def fold_lora_tensor(adapter: LoraAdapter, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
