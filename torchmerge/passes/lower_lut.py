@@ -4,7 +4,7 @@ Weights are quantised per group of `group` inputs to `bits` bits and packed once
 (torchmerge.ops.lut_pack.pack_lut_weights); the packed codes, scales and zero points become graph
 constants read by torchmerge.lut_linear (T-MAC, Wei et al. 2024, arXiv 2407.00088). Only linear nodes
 (mm / addmm with a constant weight) are lowered; the fp32 weight constant is dropped by DCE afterwards.
-With `clip_search`, each group's range is shrunk by the ratio r ∈ CLIP_RATIOS that minimises the
+With `clip_search`, each group's range is shrunk by the ratio r ∈ lut_calibrate.CLIP_RATIOS minimising the
 group's squared weight error Σ (w − deq(q(clip(w, r·lo, r·hi))))² before packing (round-to-nearest with
 min/max ranges wastes levels on outliers at 4 bits and below).
 
@@ -28,10 +28,9 @@ from ..graph.pass_base import GraphPass, NodeError, PassResult
 from ..precision.plan import PrecisionPlan
 from ._match import linear_parts, strip_views
 from .calibrate import batches_digest
-from .lut_calibrate import collect_stats, quantize_shared_input
+from .lut_calibrate import clip_candidates, collect_stats, quantize_shared_input
 
 aten = torch.ops.aten
-CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 … 0.6
 
 
 def clip_to_best_range(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
@@ -40,14 +39,10 @@ def clip_to_best_range(w: torch.Tensor, bits: int, group: int, symmetric: bool) 
 
     n, k = w.shape
     wg = w.reshape(n, k // group, group)
-    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
-    if symmetric:
-        lo = torch.minimum(lo, -hi)
-        hi = -lo
     best, best_err = wg, None
-    for r in CLIP_RATIOS:
-        clipped = torch.maximum(torch.minimum(wg, r * hi), r * lo)
-        q, s, z = quantize_groups(clipped.reshape(n, k), bits, group, symmetric)
+    for flat in clip_candidates(w, group, symmetric):
+        q, s, z = quantize_groups(flat, bits, group, symmetric)
+        clipped = flat.reshape(n, -1, group)
         deq = (q.reshape(n, -1, group).float() - z[..., None]) * s[..., None]
         err = (deq - wg).pow(2).sum(-1, keepdim=True)
         if best_err is None:

@@ -47,19 +47,26 @@ def collect_stats(gm: fx.GraphModule, watched: list[fx.Node], batches):
     return {n: (h, s / m) for n, (m, h, s) in acc.items()}
 
 
-def _grid(w: torch.Tensor, bits: int, group: int, symmetric: bool, hblocks: torch.Tensor | None, clip: bool):
-    """(scales, zeros) [N, K/G] for w [N, K]: the clip ratio per group with the least (output) error."""
-    from ..ops.lut_pack import quantize_groups
-
+def clip_candidates(w: torch.Tensor, group: int, symmetric: bool, ratios=CLIP_RATIOS):
+    """w [N, K] with every group clipped to r·(its range), for each r in `ratios` (the range includes 0,
+    and is symmetric about it when `symmetric`)."""
     n, k = w.shape
     wg = w.reshape(n, k // group, group)
     lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
     if symmetric:
         lo = torch.minimum(lo, -hi)
         hi = -lo
+    for r in ratios:
+        yield torch.maximum(torch.minimum(wg, r * hi), r * lo).reshape(n, k)
+
+
+def _grid(w: torch.Tensor, bits: int, group: int, symmetric: bool, hblocks: torch.Tensor | None, clip: bool):
+    """(scales, zeros) [N, K/G] for w [N, K]: the clip ratio per group with the least (output) error."""
+    from ..ops.lut_pack import quantize_groups
+
+    n, k = w.shape
     best = None
-    for r in CLIP_RATIOS if clip else (1.0,):
-        clipped = torch.maximum(torch.minimum(wg, r * hi), r * lo).reshape(n, k)
+    for clipped in clip_candidates(w, group, symmetric, CLIP_RATIOS if clip else (1.0,)):
         _, s, z = quantize_groups(clipped, bits, group, symmetric)
         d = dequant(quant(w, s, z, bits, group, symmetric), s, z, group) - w
         dg = d.reshape(n, k // group, group).double()
