@@ -102,7 +102,7 @@ constexpr int64_t kDenseChunkBytes = int64_t(4) << 20;
 // w[r][k] = (q − z)·s for the 64 rows of block nb (lut_pack.dequantize_lut_weights, bit for bit).
 void dequantize_block(const Problem& p, int64_t nb, float* w) {
   const uint8_t* qb = p.qw + nb * p.KC * p.bits * RB;
-  const float zsym = p.bits == 1 ? 0.5f : float(1 << (p.bits - 1));  // lut_pack.symmetric_zero
+  const float zsym = p.chalf - p.csym;  // lut_pack.symmetric_zero, from c = (2^b − 1)/2 − z
   const int64_t cpg = p.G / 8;
   for (int r = 0; r < RB; ++r) {
     int slot[4][2];

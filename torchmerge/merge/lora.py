@@ -13,8 +13,9 @@ Folding gives the weights of PEFT's `merge_and_unload()`:
     lora_magnitude_vector, V = W + ΔW (ΔW as above) is rescaled per output feature,
         W' = (m / ‖V‖_c) ⊙ V,
     ‖V‖_c the L2 norm over the input dimension: over rows of V (Linear, out×in), over its columns where the
-    stored layout is transposed (fan_in_fan_out, Embedding), over (in, k…) per output channel (convolution). The norm is computed on the unmerged base, as
-    PEFT does (which allows no lora_bias with DoRA, nor do we).
+    stored layout is transposed (fan_in_fan_out, Embedding), over (in, k…) per output channel
+    (convolution). The norm is computed on the unmerged base, as PEFT does (which allows no lora_bias
+    with DoRA, nor do we).
     modules_to_save / saved base layers: the adapter's tensor replaces the base tensor.
 
 r and α per module follow the adapter's `rank_pattern` / `alpha_pattern` exactly as PEFT matches them
